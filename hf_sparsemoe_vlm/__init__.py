@@ -1,0 +1,43 @@
+"""SparseMoE-VLM: a vision-language model with a sparse, modality-aware Mixture-of-Experts decoder, as a
+Hugging Face Transformers model.
+
+Importing the package registers the configs and models with the Auto classes; saved checkpoints also carry the
+modeling code, so they load with `trust_remote_code=True` where this package is not installed.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+
+from .configuration_sparsemoe_vlm import SparseMoEVLMConfig, SparseMoEVLMTextConfig
+from .modeling_sparsemoe_vlm import (
+    SparseMoEVLMCausalLMOutputWithPast,
+    SparseMoEVLMForConditionalGeneration,
+    SparseMoEVLMModel,
+    SparseMoEVLMPreTrainedModel,
+    SparseMoEVLMRouting,
+    SparseMoEVLMTextModel,
+)
+
+
+__version__ = "0.1.0"
+
+AutoConfig.register(SparseMoEVLMConfig.model_type, SparseMoEVLMConfig, exist_ok=True)
+AutoConfig.register(SparseMoEVLMTextConfig.model_type, SparseMoEVLMTextConfig, exist_ok=True)
+AutoModel.register(SparseMoEVLMConfig, SparseMoEVLMModel, exist_ok=True)
+AutoModel.register(SparseMoEVLMTextConfig, SparseMoEVLMTextModel, exist_ok=True)
+AutoModelForImageTextToText.register(SparseMoEVLMConfig, SparseMoEVLMForConditionalGeneration, exist_ok=True)
+
+# `save_pretrained` then writes `auto_map` and copies the defining files next to the weights.
+SparseMoEVLMConfig.register_for_auto_class()
+SparseMoEVLMModel.register_for_auto_class("AutoModel")
+SparseMoEVLMForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+
+__all__ = [
+    "SparseMoEVLMCausalLMOutputWithPast",
+    "SparseMoEVLMConfig",
+    "SparseMoEVLMForConditionalGeneration",
+    "SparseMoEVLMModel",
+    "SparseMoEVLMPreTrainedModel",
+    "SparseMoEVLMRouting",
+    "SparseMoEVLMTextConfig",
+    "SparseMoEVLMTextModel",
+]

@@ -1,0 +1,326 @@
+# Copyright 2026 The hf_sparsemoe_vlm authors.
+# Licensed under the Apache License, Version 2.0.
+"""SparseMoE-VLM configuration: a vision tower, a projector and a Llama-family decoder with sparse,
+modality-aware Mixture-of-Experts layers."""
+
+from huggingface_hub.dataclasses import strict
+from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
+from transformers.modeling_rope_utils import RopeParameters
+from transformers.models.auto.configuration_auto import AutoConfig
+
+
+ROUTER_TYPES = ("topk", "top_p", "relu")
+MLP_LAYER_TYPES = ("dense", "sparse")
+VISION_FEATURE_SELECT_STRATEGIES = ("default", "full")
+
+# Vision towers whose sequence has no class token in front of the patch tokens.
+_TOWERS_WITHOUT_CLS_TOKEN = ("siglip_vision_model",)
+
+
+def _check(condition: bool, field: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"`{field}` {message}")
+
+
+@strict
+class SparseMoEVLMTextConfig(PreTrainedConfig):
+    r"""
+    Configuration of the sparse Mixture-of-Experts language decoder of SparseMoE-VLM.
+
+    The decoder is a Llama-family transformer (RMSNorm, rotary embeddings, grouped-query attention, SwiGLU MLPs) in
+    which the layers marked `"sparse"` in `mlp_layer_types` replace the dense MLP by modality-aware experts:
+
+    - `num_experts` text experts and `num_image_experts` image experts. Image tokens (`mm_token_type_ids == 1`) are
+      routed among the image experts, text tokens among the text experts. With `num_image_experts=0` a single pool of
+      `num_experts` experts serves every token.
+    - `num_shared_experts` always-on experts (one SwiGLU MLP of width `num_shared_experts * moe_intermediate_size`)
+      that see every token.
+
+    Routing (`router_type`):
+
+    - `"topk"`: softmax over the group's experts, the `num_experts_per_tok` most probable experts are used, their
+      weights renormalised to sum to one when `norm_topk_prob`.
+    - `"top_p"`: dynamic routing. Each token takes the fewest experts whose probability mass reaches `router_top_p`
+      (at least one, at most `router_max_experts_per_tok`), so the number of experts varies per token.
+    - `"relu"`: adaptive mask. Gates are `relu(router logits)`: an expert whose gate is zero is switched off for that
+      token. Sparsity comes from an L1 penalty on the gates, i.e. the negative log-likelihood of a Laplace prior with
+      scale `router_laplace_b` (coefficient `1 / b`). With `router_target_active_experts` set, the coefficient is
+      adapted during training (multiplied or divided by `router_laplace_adapt_rate` after each training forward) so
+      that the average number of active experts per token moves toward the target.
+
+    Auxiliary losses, each with its own coefficient and only added to the loss when labels are given: the
+    load-balancing loss (`router_aux_loss_coef`, computed per modality group), the router z-loss
+    (`router_z_loss_coef`) and the L1/Laplace term (`router_l1_loss_coef`, relu routing only).
+    """
+
+    model_type = "sparsemoe_vlm_text"
+    base_config_key = "text_config"
+    default_theta = 10000.0
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+        "layers.*.mlp.shared_experts.gate_proj": "colwise",
+        "layers.*.mlp.shared_experts.up_proj": "colwise",
+        "layers.*.mlp.shared_experts.down_proj": "rowwise",
+        "layers.*.mlp.text_experts.gate_up_proj": "packed_colwise",
+        "layers.*.mlp.text_experts.down_proj": "rowwise",
+        "layers.*.mlp.text_experts": "moe_tp_experts",
+        "layers.*.mlp.image_experts.gate_up_proj": "packed_colwise",
+        "layers.*.mlp.image_experts.down_proj": "rowwise",
+        "layers.*.mlp.image_experts": "moe_tp_experts",
+    }
+    base_model_ep_plan = {
+        "layers.*.mlp.text_experts.gate_up_proj": "grouped_gemm",
+        "layers.*.mlp.text_experts.down_proj": "grouped_gemm",
+        "layers.*.mlp.text_experts": "ep_dispatch_experts",
+        "layers.*.mlp.image_experts.gate_up_proj": "grouped_gemm",
+        "layers.*.mlp.image_experts.down_proj": "grouped_gemm",
+        "layers.*.mlp.image_experts": "ep_dispatch_experts",
+    }
+    base_model_pp_plan = {
+        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "norm": (["hidden_states"], ["hidden_states"]),
+    }
+
+    vocab_size: int = 32064
+    hidden_size: int = 2048
+    intermediate_size: int = 5632
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 4096
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    tie_word_embeddings: bool = False
+    rope_parameters: RopeParameters | dict | None = None
+    attention_bias: bool = False
+    attention_dropout: float | int = 0.0
+    mlp_bias: bool = False
+    mlp_layer_types: list[str] | None = None
+    num_experts: int = 4
+    num_image_experts: int = 4
+    num_shared_experts: int = 0
+    moe_intermediate_size: int = 1408
+    num_experts_per_tok: int = 2
+    norm_topk_prob: bool = True
+    router_type: str = "topk"
+    router_top_p: float = 0.5
+    router_max_experts_per_tok: int | None = None
+    router_laplace_b: float = 1.0
+    router_target_active_experts: float | None = None
+    router_laplace_adapt_rate: float = 1.2
+    router_jitter_noise: float = 0.0
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.001
+    router_l1_loss_coef: float = 0.01
+    output_router_logits: bool = False
+
+    def __post_init__(self, **kwargs):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None and self.num_attention_heads > 0:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.mlp_layer_types is None:
+            self.mlp_layer_types = ["sparse"] * self.num_hidden_layers
+        super().__post_init__(**kwargs)
+        self._check_fields()
+
+    def _check_fields(self) -> None:
+        """Raise a `ValueError` naming the offending field for every inconsistent setting."""
+        for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                      "head_dim", "max_position_embeddings", "moe_intermediate_size"):
+            _check(getattr(self, field) > 0, field, f"must be a positive integer, got {getattr(self, field)}.")
+        _check(self.intermediate_size >= 0, "intermediate_size", f"must be >= 0, got {self.intermediate_size}.")
+        _check(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
+               f"({self.num_key_value_heads}) must divide `num_attention_heads` ({self.num_attention_heads}).")
+        for field in ("num_image_experts", "num_shared_experts"):
+            _check(getattr(self, field) >= 0, field, f"must be >= 0, got {getattr(self, field)}.")
+        _check(self.num_experts > 0, "num_experts", f"must be a positive integer, got {self.num_experts}.")
+        _check(self.router_type in ROUTER_TYPES, "router_type",
+               f"must be one of {ROUTER_TYPES}, got {self.router_type!r}.")
+        _check(self.num_experts_per_tok > 0, "num_experts_per_tok",
+               f"must be a positive integer, got {self.num_experts_per_tok}.")
+        if self.router_type == "topk":
+            _check(self.num_experts_per_tok <= self.num_experts, "num_experts_per_tok",
+                   f"({self.num_experts_per_tok}) is larger than the text expert group (`num_experts`="
+                   f"{self.num_experts}).")
+            _check(self.num_image_experts == 0 or self.num_experts_per_tok <= self.num_image_experts,
+                   "num_experts_per_tok", f"({self.num_experts_per_tok}) is larger than the image expert group "
+                   f"(`num_image_experts`={self.num_image_experts}); lower it or set `num_image_experts=0` to share "
+                   "the text experts.")
+        _check(0.0 < self.router_top_p <= 1.0, "router_top_p", f"must be in (0, 1], got {self.router_top_p}.")
+        if self.router_max_experts_per_tok is not None:
+            smallest_group = min(n for n in (self.num_experts, self.num_image_experts) if n > 0)
+            _check(0 < self.router_max_experts_per_tok <= smallest_group, "router_max_experts_per_tok",
+                   f"must be in [1, {smallest_group}] (the smallest expert group), got "
+                   f"{self.router_max_experts_per_tok}.")
+        _check(self.router_laplace_b > 0, "router_laplace_b",
+               f"(the Laplace prior scale) must be > 0, got {self.router_laplace_b}.")
+        _check(self.router_laplace_adapt_rate >= 1.0, "router_laplace_adapt_rate",
+               f"must be >= 1, got {self.router_laplace_adapt_rate}.")
+        if self.router_target_active_experts is not None:
+            _check(self.router_target_active_experts > 0, "router_target_active_experts",
+                   f"must be > 0, got {self.router_target_active_experts}.")
+        _check(self.router_jitter_noise >= 0, "router_jitter_noise", f"must be >= 0, got {self.router_jitter_noise}.")
+        for field in ("router_aux_loss_coef", "router_z_loss_coef", "router_l1_loss_coef"):
+            _check(getattr(self, field) >= 0, field, f"must be >= 0, got {getattr(self, field)}.")
+        _check(len(self.mlp_layer_types) == self.num_hidden_layers, "mlp_layer_types",
+               f"has {len(self.mlp_layer_types)} entries but `num_hidden_layers` is {self.num_hidden_layers}.")
+        unknown = sorted({t for t in self.mlp_layer_types if t not in MLP_LAYER_TYPES})
+        _check(not unknown, "mlp_layer_types", f"entries must be in {MLP_LAYER_TYPES}, got {unknown}.")
+        if "dense" in self.mlp_layer_types:
+            _check(self.intermediate_size > 0, "intermediate_size",
+                   "must be positive when `mlp_layer_types` has dense layers.")
+
+    @property
+    def sparse_layer_indices(self) -> list[int]:
+        return [i for i, layer_type in enumerate(self.mlp_layer_types) if layer_type == "sparse"]
+
+    @property
+    def expert_groups(self) -> dict[str, int]:
+        """Routed expert groups of a sparse layer and their number of experts (`"text"` serves every token when
+        there is no image group)."""
+        groups = {"text": self.num_experts}
+        if self.num_image_experts > 0:
+            groups["image"] = self.num_image_experts
+        return groups
+
+
+def vision_tower_geometry(vision_config: PreTrainedConfig, image_size: int, feature_layer: int,
+                          select_strategy: str) -> tuple[int, int]:
+    """Number of image tokens one image becomes, and their feature width, for a vision tower config.
+
+    Transformer towers (SigLIP, CLIP, DINOv2, ViT) give `(image_size / patch_size)^2` patch tokens, after the class
+    (and register) tokens are dropped under the `"default"` strategy. Convolutional towers (ConvNeXt, ResNet) give
+    feature maps whose pixels become tokens. Raises `ValueError` for towers that cannot produce such features.
+    """
+    model_type = getattr(vision_config, "model_type", None)
+    hidden_sizes = getattr(vision_config, "hidden_sizes", None)
+    if hidden_sizes:  # convolutional tower: hidden_states = (stem, stage_1, ..., stage_n)
+        num_states = len(hidden_sizes) + 1
+        _check(-num_states <= feature_layer < num_states, "vision_feature_layer",
+               f"({feature_layer}) is out of range for a {model_type} tower with {num_states} hidden states.")
+        layer = feature_layer % num_states
+        stem_stride = getattr(vision_config, "patch_size", None) or 4
+        first_stage_stride = 2 if getattr(vision_config, "downsample_in_first_stage", False) else 1
+        stride = stem_stride if layer == 0 else stem_stride * first_stage_stride * 2 ** (layer - 1)
+        width = (getattr(vision_config, "embedding_size", None) or hidden_sizes[0]) if layer == 0 else \
+            hidden_sizes[layer - 1]
+        side = -(-image_size // stride)  # ceil: strided convolutions pad odd sizes up
+        return side * side, width
+
+    patch_size = getattr(vision_config, "patch_size", None)
+    hidden_size = getattr(vision_config, "hidden_size", None)
+    if not (isinstance(patch_size, int) and isinstance(hidden_size, int)
+            and isinstance(getattr(vision_config, "image_size", None), int)):
+        raise ValueError(
+            f"`vision_config` (model_type={model_type!r}) cannot produce image features: supported towers are "
+            "vision transformers with `image_size`, `patch_size` and `hidden_size` (SigLIP, CLIP, DINOv2, ViT) or "
+            "convolutional backbones with `hidden_sizes` (ConvNeXt, ResNet). Pass one of those vision configs."
+        )
+    num_patches = (image_size // patch_size) ** 2
+    if select_strategy == "full" and model_type not in _TOWERS_WITHOUT_CLS_TOKEN:
+        num_patches += 1 + (getattr(vision_config, "num_register_tokens", None) or 0)
+    return num_patches, hidden_size
+
+
+@strict
+class SparseMoEVLMConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`SparseMoEVLMForConditionalGeneration`]: a vision tower (any in-library vision encoder
+    resolvable through `AutoConfig`; SigLIP by default), a two-layer MLP projector and a
+    [`SparseMoEVLMTextConfig`] sparse decoder.
+
+    Args:
+        vision_config (`dict` or `PreTrainedConfig`, *optional*):
+            Vision tower config. SigLIP, CLIP, DINOv2 and ViT towers give patch tokens; ConvNeXt and ResNet give
+            feature maps flattened to tokens.
+        text_config (`dict` or `SparseMoEVLMTextConfig`, *optional*):
+            Sparse decoder config.
+        image_token_id (`int`, *optional*, defaults to 32000):
+            Id of the placeholder token replaced by image features.
+        image_size (`int`, *optional*):
+            Square resolution fed to the vision tower. Defaults to `vision_config.image_size` (224 for towers that
+            have none, e.g. ResNet).
+        image_seq_length (`int`, *optional*):
+            Number of image tokens per image. Derived from the tower; a given value must match.
+        projector_hidden_act (`str`, *optional*, defaults to `"gelu"`):
+            Activation of the projector MLP.
+        vision_feature_layer (`int`, *optional*, defaults to -1):
+            Hidden state of the vision tower used as image features.
+        vision_feature_select_strategy (`str`, *optional*, defaults to `"default"`):
+            `"default"` drops the class/register tokens of transformer towers, `"full"` keeps them.
+        multimodal_projector_bias (`bool`, *optional*, defaults to `True`):
+            Whether the projector linears have biases.
+        tie_word_embeddings (`bool`, *optional*, defaults to `False`):
+            Whether the LM head shares the input embedding matrix.
+
+    Example:
+
+    ```python
+    >>> from hf_sparsemoe_vlm import SparseMoEVLMConfig, SparseMoEVLMForConditionalGeneration
+    >>> config = SparseMoEVLMConfig(text_config={"router_type": "top_p", "num_image_experts": 2})
+    >>> model = SparseMoEVLMForConditionalGeneration(config)
+    ```"""
+
+    model_type = "sparsemoe_vlm"
+    attribute_map = {"image_token_index": "image_token_id"}
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="siglip_vision_model"),
+        "text_config": SubConfigSpec(config_class=SparseMoEVLMTextConfig),
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    image_token_id: int = 32000
+    image_size: int | None = None
+    image_seq_length: int | None = None
+    projector_hidden_act: str = "gelu"
+    vision_feature_layer: int = -1
+    vision_feature_select_strategy: str = "default"
+    multimodal_projector_bias: bool = True
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        _check(isinstance(self.text_config, SparseMoEVLMTextConfig), "text_config",
+               f"must be a SparseMoEVLMTextConfig (or its dict), got {type(self.text_config).__name__}.")
+        _check(self.vision_feature_select_strategy in VISION_FEATURE_SELECT_STRATEGIES,
+               "vision_feature_select_strategy",
+               f"must be one of {VISION_FEATURE_SELECT_STRATEGIES}, got {self.vision_feature_select_strategy!r}.")
+        if self.image_size is None:
+            self.image_size = getattr(self.vision_config, "image_size", None) or 224
+        _check(self.image_size > 0, "image_size", f"must be a positive integer, got {self.image_size}.")
+        num_tokens, _ = vision_tower_geometry(self.vision_config, self.image_size, self.vision_feature_layer,
+                                              self.vision_feature_select_strategy)
+        if self.image_seq_length is None:
+            self.image_seq_length = num_tokens
+        _check(self.image_seq_length == num_tokens, "image_seq_length",
+               f"({self.image_seq_length}) does not match the {num_tokens} tokens the vision tower gives for "
+               f"{self.image_size}px images; leave it unset to derive it.")
+        _check(0 <= self.image_token_id < self.text_config.vocab_size, "image_token_id",
+               f"({self.image_token_id}) must be inside the vocabulary (`text_config.vocab_size`="
+               f"{self.text_config.vocab_size}).")
+        # Like Llava: a checkpoint may carry the flag on its text config only.
+        if not self.tie_word_embeddings and self.text_config.tie_word_embeddings:
+            self.tie_word_embeddings = True
+
+    @property
+    def vision_feature_size(self) -> int:
+        return vision_tower_geometry(self.vision_config, self.image_size, self.vision_feature_layer,
+                                     self.vision_feature_select_strategy)[1]
+
+
+__all__ = ["SparseMoEVLMConfig", "SparseMoEVLMTextConfig"]

@@ -1,0 +1,740 @@
+# Copyright 2026 The hf_sparsemoe_vlm authors.
+# Licensed under the Apache License, Version 2.0.
+"""SparseMoE-VLM: vision tower -> projector -> image features merged at the image tokens -> Llama-family decoder
+whose sparse layers route image tokens and text tokens to their own expert groups."""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.integrations import use_experts_implementation
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPooling,
+    MoeModelOutputWithPast,
+    MultimodalBaseModelOutputWithPast,
+    MultimodalCausalLMOutputWithPast,
+)
+from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
+from transformers.models.auto import AutoModel
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRMSNorm, LlamaRotaryEmbedding
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_sparsemoe_vlm import SparseMoEVLMConfig, SparseMoEVLMTextConfig
+
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class SparseMoEVLMRouting:
+    """What the router of one expert group of one sparse layer decided (recorded when router logits are requested).
+
+    Attributes:
+        layer_idx: index of the decoder layer.
+        group: `"text"` or `"image"` (the text group serves every token when there is no image group).
+        router_logits: `(tokens_in_group, experts_in_group)` raw router logits.
+        routing_weights: `(tokens_in_group, experts_in_group)` weight of each expert for each token, zero where the
+            expert is off for that token.
+        token_index: `(tokens_in_group,)` positions of the group's tokens in the flattened `(batch * seq_len)` input.
+    """
+
+    layer_idx: int
+    group: str
+    router_logits: torch.Tensor
+    routing_weights: torch.Tensor
+    token_index: torch.Tensor
+
+
+@dataclass
+class SparseMoEVLMModelOutputWithPast(MultimodalBaseModelOutputWithPast):
+    r"""
+    router_logits (`tuple[SparseMoEVLMRouting]`, *optional*):
+        One routing record per (sparse layer, expert group), in forward order.
+    image_hidden_states (`torch.FloatTensor` of shape `(num_images, image_seq_length, hidden_size)`, *optional*):
+        Projected image features that replaced the image tokens.
+    """
+
+    router_logits: tuple[SparseMoEVLMRouting, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
+class SparseMoEVLMCausalLMOutputWithPast(MultimodalCausalLMOutputWithPast):
+    r"""
+    aux_loss (`torch.FloatTensor`, *optional*):
+        Load-balancing loss, averaged over sparse layers and modality groups (1.0 for perfectly balanced routing).
+    z_loss (`torch.FloatTensor`, *optional*):
+        Router z-loss (mean squared log-sum-exp of the router logits).
+    l1_loss (`torch.FloatTensor`, *optional*):
+        L1 / Laplace-prior penalty on the ReLU gates (relu routing only), already scaled by `1 / b`.
+    router_logits (`tuple[SparseMoEVLMRouting]`, *optional*):
+        One routing record per (sparse layer, expert group), returned with `output_router_logits=True`.
+    routing_stats (`dict[str, torch.Tensor]`, *optional*):
+        Detached routing statistics for logging, per group `g`: `g/expert_load` (sparse layers x experts, share of
+        the group's token-expert assignments), `g/tokens_per_expert` (same shape, counts) and
+        `g/experts_per_token` (average number of active experts per token).
+    image_hidden_states (`torch.FloatTensor`, *optional*):
+        Projected image features that replaced the image tokens.
+    """
+
+    aux_loss: torch.FloatTensor | None = None
+    z_loss: torch.FloatTensor | None = None
+    l1_loss: torch.FloatTensor | None = None
+    router_logits: tuple[SparseMoEVLMRouting, ...] | None = None
+    routing_stats: dict[str, torch.Tensor] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+class SparseMoEVLMMLP(nn.Module):
+    """SwiGLU MLP, named like Llama's so dense checkpoints map onto dense layers and shared experts."""
+
+    def __init__(self, config: SparseMoEVLMTextConfig, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+
+
+@use_experts_implementation
+class SparseMoEVLMExperts(nn.Module):
+    """One expert group's SwiGLU experts, stored fused as 3D tensors so that Transformers' experts kernels
+    (`eager`, `batched_mm`, `grouped_mm`) can run them."""
+
+    def __init__(self, config: SparseMoEVLMTextConfig, num_experts: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.hidden_dim = config.hidden_size
+        self.intermediate_dim = config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * self.intermediate_dim, self.hidden_dim))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, self.hidden_dim, self.intermediate_dim))
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        final_hidden_states = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
+            expert_hit = expert_mask.sum(dim=(-1, -2)).nonzero()
+        for expert_idx in expert_hit[:, 0].tolist():
+            top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
+            gate, up = F.linear(hidden_states[token_idx], self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
+            expert_out = F.linear(self.act_fn(gate) * up, self.down_proj[expert_idx])
+            expert_out = expert_out * top_k_weights[token_idx, top_k_pos, None]
+            final_hidden_states.index_add_(0, token_idx, expert_out.to(final_hidden_states.dtype))
+        return final_hidden_states
+
+
+class SparseMoEVLMRouter(nn.Module):
+    """Linear router of one expert group. Returns the router logits and a dense `(tokens, experts)` matrix of
+    routing weights that is zero wherever an expert is off for a token."""
+
+    def __init__(self, config: SparseMoEVLMTextConfig, num_experts: int):
+        super().__init__()
+        self.router_type = config.router_type
+        self.num_experts = num_experts
+        self.top_k = config.num_experts_per_tok
+        self.top_p = config.router_top_p
+        self.max_experts_per_tok = min(config.router_max_experts_per_tok or num_experts, num_experts)
+        self.norm_topk_prob = config.norm_topk_prob
+        self.jitter_noise = config.router_jitter_noise
+        self.weight = nn.Parameter(torch.empty(num_experts, config.hidden_size))
+        if self.router_type == "relu":
+            # Coefficient 1/b of the Laplace prior on the gates; adapted in training toward a target sparsity.
+            self.laplace_inv_scale = nn.Buffer(torch.tensor(1.0 / config.router_laplace_b))
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.training and self.jitter_noise > 0:
+            hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(
+                1.0 - self.jitter_noise, 1.0 + self.jitter_noise
+            )
+        router_logits = F.linear(hidden_states, self.weight).float()
+        if self.router_type == "relu":
+            return router_logits, F.relu(router_logits)
+
+        probs = router_logits.softmax(dim=-1)
+        if self.router_type == "topk":
+            top_values, top_index = probs.topk(self.top_k, dim=-1)
+            routing_weights = torch.zeros_like(probs).scatter(-1, top_index, top_values)
+        else:  # top_p: the fewest experts whose mass reaches top_p, at least one, at most max_experts_per_tok
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+            keep = mass_before < self.top_p
+            keep[..., self.max_experts_per_tok :] = False
+            routing_weights = torch.zeros_like(probs).scatter(-1, order, sorted_probs * keep)
+        if self.norm_topk_prob:
+            routing_weights = routing_weights / routing_weights.sum(dim=-1, keepdim=True)
+        return router_logits, routing_weights
+
+
+class SparseMoEVLMExpertGroup(nn.Module):
+    """The router and the experts of one modality group in one sparse layer."""
+
+    def __init__(self, config: SparseMoEVLMTextConfig, num_experts: int, layer_idx: int, group: str):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.group = group
+        self.top_k = config.num_experts_per_tok
+        self.fixed_top_k = config.router_type == "topk"
+        self.router = SparseMoEVLMRouter(config, num_experts)
+        self.experts = SparseMoEVLMExperts(config, num_experts)
+
+    def forward(
+        self, hidden_states: torch.Tensor, token_index: torch.Tensor
+    ) -> tuple[torch.Tensor, SparseMoEVLMRouting]:
+        router_logits, routing_weights = self.router(hidden_states)
+        if self.fixed_top_k:
+            top_k_weights, top_k_index = routing_weights.topk(self.top_k, dim=-1)
+            output = self.experts(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype))
+        else:
+            # Dynamic routing: a variable number of experts per token. Run the active (token, expert) pairs only,
+            # as a top-1 batch through the experts kernel, then sum each token's pairs.
+            token_idx, expert_idx = routing_weights.nonzero(as_tuple=True)
+            pair_weights = routing_weights[token_idx, expert_idx].to(hidden_states.dtype)
+            pair_output = self.experts(hidden_states[token_idx], expert_idx[:, None], pair_weights[:, None])
+            output = torch.zeros_like(hidden_states).index_add(0, token_idx, pair_output)
+        routing = SparseMoEVLMRouting(self.layer_idx, self.group, router_logits, routing_weights, token_index)
+        return output, routing
+
+
+class SparseMoEVLMSparseMoeBlock(nn.Module):
+    """Modality-aware sparse MLP: image tokens go to the image expert group, text tokens to the text expert group
+    (one shared pool when `num_image_experts == 0`); optional shared experts see every token."""
+
+    def __init__(self, config: SparseMoEVLMTextConfig, layer_idx: int):
+        super().__init__()
+        self.text_moe = SparseMoEVLMExpertGroup(config, config.num_experts, layer_idx, "text")
+        self.image_moe = (
+            SparseMoEVLMExpertGroup(config, config.num_image_experts, layer_idx, "image")
+            if config.num_image_experts > 0
+            else None
+        )
+        self.shared_experts = (
+            SparseMoEVLMMLP(config, config.num_shared_experts * config.moe_intermediate_size)
+            if config.num_shared_experts > 0
+            else None
+        )
+
+    def forward(self, hidden_states: torch.Tensor, mm_token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        batch_size, seq_len, hidden_dim = hidden_states.shape
+        flat = hidden_states.reshape(-1, hidden_dim)
+        all_tokens = torch.arange(flat.shape[0], device=flat.device)
+        if self.image_moe is None or mm_token_type_ids is None:
+            output, _ = self.text_moe(flat, all_tokens)
+        else:
+            is_image = mm_token_type_ids.reshape(-1).to(flat.device) == 1
+            output = torch.zeros_like(flat)
+            for group, token_index in ((self.text_moe, all_tokens[~is_image]), (self.image_moe, all_tokens[is_image])):
+                if token_index.numel() > 0:
+                    group_output, _ = group(flat[token_index], token_index)
+                    output = output.index_copy(0, token_index, group_output.to(output.device))
+        if self.shared_experts is not None:
+            output = output + self.shared_experts(flat).to(output.device)
+        return output.reshape(batch_size, seq_len, hidden_dim)
+
+
+class SparseMoEVLMDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: SparseMoEVLMTextConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = LlamaAttention(config=config, layer_idx=layer_idx)
+        self.is_sparse = config.mlp_layer_types[layer_idx] == "sparse"
+        self.mlp = (
+            SparseMoEVLMSparseMoeBlock(config, layer_idx)
+            if self.is_sparse
+            else SparseMoEVLMMLP(config, config.intermediate_size)
+        )
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, _ = self.self_attn(
+            hidden_states=hidden_states,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        if self.is_sparse:
+            hidden_states = self.mlp(hidden_states, mm_token_type_ids)
+        else:
+            hidden_states = self.mlp(hidden_states)
+        return residual + hidden_states
+
+
+class SparseMoEVLMPreTrainedModel(PreTrainedModel):
+    config: SparseMoEVLMConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["SparseMoEVLMDecoderLayer"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False  # routing picks a data-dependent number of (token, expert) pairs
+    _can_record_outputs = {
+        "router_logits": OutputRecorder(SparseMoEVLMExpertGroup, index=1),
+        "hidden_states": SparseMoEVLMDecoderLayer,
+        "attentions": LlamaAttention,
+    }
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        config = self.config.get_text_config()
+        std = config.initializer_range
+        if isinstance(module, SparseMoEVLMExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, SparseMoEVLMRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.router_type == "relu":
+                init.constant_(module.laplace_inv_scale, 1.0 / config.router_laplace_b)
+
+
+class SparseMoEVLMTextModel(SparseMoEVLMPreTrainedModel):
+    """The sparse decoder, without the LM head."""
+
+    config: SparseMoEVLMTextConfig
+    base_model_prefix = "model"
+
+    def __init__(self, config: SparseMoEVLMTextConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [SparseMoEVLMDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MoeModelOutputWithPast:
+        r"""
+        mm_token_type_ids (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+            1 for image tokens (routed to the image experts), 0 for text tokens.
+        """
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=use_cache,
+                position_embeddings=position_embeddings,
+                mm_token_type_ids=mm_token_type_ids,
+                **kwargs,
+            )
+        hidden_states = self.norm(hidden_states)
+        return MoeModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
+
+
+class SparseMoEVLMMultiModalProjector(nn.Module):
+    def __init__(self, config: SparseMoEVLMConfig):
+        super().__init__()
+        hidden_size = config.text_config.hidden_size
+        self.linear_1 = nn.Linear(config.vision_feature_size, hidden_size, bias=config.multimodal_projector_bias)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(hidden_size, hidden_size, bias=config.multimodal_projector_bias)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(image_features)))
+
+
+class SparseMoEVLMModel(SparseMoEVLMPreTrainedModel):
+    """Vision tower + projector + sparse decoder, without the LM head."""
+
+    def __init__(self, config: SparseMoEVLMConfig):
+        super().__init__(config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = SparseMoEVLMMultiModalProjector(config)
+        self.language_model = SparseMoEVLMTextModel(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.embed_tokens = value
+
+    @can_return_tuple
+    def get_image_features(
+        self, pixel_values: torch.FloatTensor, **kwargs: Unpack[TransformersKwargs]
+    ) -> BaseModelOutputWithPooling:
+        """Run the vision tower and the projector. `pooler_output` holds the projected features,
+        `(num_images, image_seq_length, hidden_size)`."""
+        if pixel_values.ndim != 4:
+            raise ValueError(
+                f"`pixel_values` must have shape (num_images, channels, height, width), got {tuple(pixel_values.shape)}."
+            )
+        kwargs.pop("output_hidden_states", None)
+        tower_dtype = next(self.vision_tower.parameters()).dtype
+        image_outputs = self.vision_tower(
+            pixel_values.to(tower_dtype), output_hidden_states=True, return_dict=True, **kwargs
+        )
+        features = image_outputs.hidden_states[self.config.vision_feature_layer]
+        if features.ndim == 4:  # convolutional feature map (N, C, H, W): one token per pixel
+            features = features.flatten(2).transpose(1, 2)
+        elif self.config.vision_feature_select_strategy == "default":
+            # Keep the patch tokens only: drop the class (and register) tokens in front of them.
+            features = features[:, features.shape[1] - self.config.image_seq_length :]
+        image_outputs.pooler_output = self.multi_modal_projector(features)
+        return image_outputs
+
+    def get_placeholder_mask(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, image_features: torch.Tensor
+    ) -> torch.Tensor:
+        """Boolean `(batch, seq_len)` mask of the image token positions; checks there is one per image feature."""
+        if input_ids is None:
+            image_embedding = self.get_input_embeddings()(
+                torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
+            )
+            special_image_mask = (inputs_embeds == image_embedding).all(-1)
+        else:
+            special_image_mask = input_ids == self.config.image_token_id
+        n_image_tokens = int(special_image_mask.sum())
+        n_image_features = image_features.shape[0] * image_features.shape[1]
+        if n_image_tokens != n_image_features:
+            raise ValueError(
+                f"Image features and image tokens do not match: the text has {n_image_tokens} image tokens but "
+                f"{image_features.shape[0]} image(s) give {n_image_features} features ({image_features.shape[1]} "
+                f"per image). Each image needs exactly {self.config.image_seq_length} image tokens "
+                f"(id {self.config.image_token_id}); use the processor to expand image placeholders."
+            )
+        return special_image_mask
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> SparseMoEVLMModelOutputWithPast:
+        r"""
+        mm_token_type_ids (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+            1 for image tokens, 0 for text tokens. Derived from `input_ids` when not given.
+        """
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        if mm_token_type_ids is None and input_ids is not None:
+            mm_token_type_ids = (input_ids == self.config.image_token_id).long()
+
+        image_outputs = None
+        image_features = None
+        if pixel_values is not None:
+            image_outputs = self.get_image_features(pixel_values)
+            image_features = image_outputs.pooler_output.to(inputs_embeds.device, inputs_embeds.dtype)
+            image_mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
+            inputs_embeds = inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features)
+            if mm_token_type_ids is None:
+                mm_token_type_ids = image_mask.long()
+
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            mm_token_type_ids=mm_token_type_ids,
+            **kwargs,
+        )
+        return SparseMoEVLMModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
+            image_outputs=image_outputs,
+            image_hidden_states=image_features,
+        )
+
+
+def router_losses(
+    routings: tuple[SparseMoEVLMRouting, ...],
+    attention_mask: torch.Tensor | None,
+    laplace_inv_scales: dict[tuple[int, str], torch.Tensor],
+    num_sparse_layers: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+    """Load-balancing, z- and L1/Laplace losses (averaged over routing records) and detached routing statistics.
+
+    Padding positions (`attention_mask == 0`) are excluded. The balance loss of a group with `E` experts is
+    `E * sum_e f_e * P_e` (Switch Transformer), with `f_e` the share of the group's active token-expert assignments
+    that went to expert `e` and `P_e` its mean softmax probability: 1.0 when routing is uniform.
+    """
+    device = routings[0].router_logits.device
+    balance, z, l1 = [], [], []
+    load: dict[str, list[torch.Tensor]] = {}
+    experts_per_token: dict[str, list[torch.Tensor]] = {}
+    flat_mask = None
+    if attention_mask is not None and attention_mask.ndim == 2:
+        flat_mask = attention_mask.reshape(-1)
+    for routing in routings:
+        logits, weights = routing.router_logits, routing.routing_weights
+        if flat_mask is None:
+            token_mask = torch.ones(logits.shape[0], device=logits.device)
+        else:
+            # During cached decoding the mask also covers past tokens: keep the current positions only.
+            current = attention_mask[:, -(flat_mask.numel() // attention_mask.shape[0]):]
+            token_mask = current.reshape(-1).to(logits.device)[routing.token_index.to(logits.device)].float()
+        n_tokens = token_mask.sum()
+        active = (weights > 0).float() * token_mask[:, None]
+        num_experts = logits.shape[-1]
+        load.setdefault(routing.group, []).append(active.sum(0).detach())
+        experts_per_token.setdefault(routing.group, []).append((active.sum() / n_tokens.clamp(min=1)).detach())
+        if n_tokens == 0:
+            continue
+        probs = logits.softmax(dim=-1)
+        share = active.sum(0) / active.sum().clamp(min=1)
+        mean_prob = (probs * token_mask[:, None]).sum(0) / n_tokens
+        balance.append((num_experts * (share * mean_prob).sum()).to(device))
+        z.append(((torch.logsumexp(logits, dim=-1) ** 2 * token_mask).sum() / n_tokens).to(device))
+        scale = laplace_inv_scales.get((routing.layer_idx, routing.group))
+        if scale is not None:
+            l1.append((scale.to(device) * (weights.sum(-1) * token_mask).sum() / n_tokens).to(device))
+    zero = torch.zeros((), device=device)
+    aux_loss = torch.stack(balance).mean() if balance else zero
+    z_loss = torch.stack(z).mean() if z else zero
+    l1_loss = (torch.stack(l1).mean() if l1 else zero) if laplace_inv_scales else None
+    stats: dict[str, torch.Tensor] = {}
+    for group, counts in load.items():
+        counts = torch.stack([c.to(device) for c in counts])
+        if counts.shape[0] != num_sparse_layers:  # a group absent from some layers' batch (e.g. no image tokens)
+            continue
+        stats[f"{group}/tokens_per_expert"] = counts
+        stats[f"{group}/expert_load"] = counts / counts.sum(-1, keepdim=True).clamp(min=1)
+        stats[f"{group}/experts_per_token"] = torch.stack([e.to(device) for e in experts_per_token[group]]).mean()
+    return aux_loss, z_loss, l1_loss, stats
+
+
+class SparseMoEVLMForConditionalGeneration(SparseMoEVLMPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    # The aux losses are added per micro-batch: let Trainer divide the loss by the accumulation steps.
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: SparseMoEVLMConfig):
+        super().__init__(config)
+        self.model = SparseMoEVLMModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+        # The image placeholder is an input-only token.
+        self.generation_config.suppress_tokens = [config.image_token_id]
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
+        return self.model.get_image_features(pixel_values, **kwargs)
+
+    def _routers(self) -> dict[tuple[int, str], SparseMoEVLMRouter]:
+        routers = {}
+        for layer in self.model.language_model.layers:
+            if layer.is_sparse:
+                for group in (layer.mlp.text_moe, layer.mlp.image_moe):
+                    if group is not None:
+                        routers[(group.layer_idx, group.group)] = group.router
+        return routers
+
+    @torch.no_grad()
+    def _adapt_laplace_scales(self, routings, attention_mask) -> None:
+        """Move each ReLU router's L1 coefficient toward `router_target_active_experts` active experts per token."""
+        text_config = self.config.text_config
+        routers = self._routers()
+        for routing in routings:
+            weights = routing.routing_weights
+            if weights.shape[0] == 0:
+                continue
+            if attention_mask is not None and attention_mask.ndim == 2:
+                token_mask = attention_mask.reshape(-1).to(weights.device)[routing.token_index.to(weights.device)]
+                weights = weights[token_mask.bool()]
+            if weights.shape[0] == 0:
+                continue
+            active = (weights > 0).sum(-1).float().mean()
+            router = routers[(routing.layer_idx, routing.group)]
+            rate = text_config.router_laplace_adapt_rate
+            factor = rate if active > text_config.router_target_active_experts else 1.0 / rate
+            router.laplace_inv_scale.mul_(factor)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> SparseMoEVLMCausalLMOutputWithPast:
+        r"""
+        mm_token_type_ids (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+            1 for image tokens (routed to the image experts), 0 for text tokens. Derived from `input_ids` if absent.
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Next-token labels (-100 is ignored). When given, the router losses are added to `loss`.
+        output_router_logits (`bool`, *optional*):
+            Return the routing records (`router_logits`) and the router losses.
+
+        Example:
+
+        ```python
+        >>> import torch
+        >>> from hf_sparsemoe_vlm import SparseMoEVLMConfig, SparseMoEVLMForConditionalGeneration
+        >>> config = SparseMoEVLMConfig(
+        ...     vision_config={"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+        ...                    "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+        ...     text_config={"vocab_size": 128, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+        ...                  "moe_intermediate_size": 32},
+        ...     image_token_id=127,
+        ... )
+        >>> model = SparseMoEVLMForConditionalGeneration(config).eval()
+        >>> input_ids = torch.tensor([[1] + [127] * config.image_seq_length + [5, 6]])
+        >>> out = model(input_ids=input_ids, pixel_values=torch.randn(1, 3, 32, 32), labels=input_ids)
+        >>> out.logits.shape
+        torch.Size([1, 19, 128])
+        ```"""
+        text_config = self.config.text_config
+        if output_router_logits is None:
+            output_router_logits = text_config.output_router_logits
+        # Routing is always recorded when training (labels given): the router losses need it.
+        record_routing = bool(output_router_logits) or labels is not None
+
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            mm_token_type_ids=mm_token_type_ids,
+            use_cache=use_cache,
+            output_router_logits=record_routing,
+            **kwargs,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=text_config.vocab_size, **kwargs)
+
+        aux_loss = z_loss = l1_loss = routing_stats = None
+        if record_routing and outputs.router_logits:
+            routers = self._routers()
+            inv_scales = {key: r.laplace_inv_scale for key, r in routers.items() if r.router_type == "relu"}
+            aux_loss, z_loss, l1_loss, routing_stats = router_losses(
+                outputs.router_logits, attention_mask, inv_scales, len(text_config.sparse_layer_indices)
+            )
+            if labels is not None:
+                router_loss = text_config.router_aux_loss_coef * aux_loss + text_config.router_z_loss_coef * z_loss
+                if l1_loss is not None:
+                    router_loss = router_loss + text_config.router_l1_loss_coef * l1_loss
+                loss = loss + router_loss.to(loss.device)
+                if self.training and inv_scales and text_config.router_target_active_experts is not None:
+                    self._adapt_laplace_scales(outputs.router_logits, attention_mask)
+
+        return SparseMoEVLMCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_outputs=outputs.image_outputs,
+            aux_loss=aux_loss,
+            z_loss=z_loss,
+            l1_loss=l1_loss,
+            router_logits=outputs.router_logits if output_router_logits else None,
+            routing_stats=routing_stats,
+            image_hidden_states=outputs.image_hidden_states,
+        )
+
+
+__all__ = [
+    "SparseMoEVLMForConditionalGeneration",
+    "SparseMoEVLMModel",
+    "SparseMoEVLMPreTrainedModel",
+    "SparseMoEVLMTextModel",
+    "SparseMoEVLMRouting",
+    "SparseMoEVLMCausalLMOutputWithPast",
+    "router_losses",
+]
