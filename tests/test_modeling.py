@@ -1,0 +1,328 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_sparsemoe_vlm import SparseMoEVLMRouting
+from conftest import IMAGE_TOKEN_ID, VISION_CONFIGS, make_inputs, make_model
+
+
+ROUTER_TYPES = ["topk", "top_p", "relu"]
+
+
+def _sharpen_routers(model, scale: float = 40.0, seed: int = 1):
+    """Large random router weights: peaked, token-dependent routing distributions."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("router.weight"):
+                param.copy_(torch.randn(param.shape, generator=generator) * scale / param.shape[1] ** 0.5)
+
+
+@pytest.mark.parametrize("router_type", ROUTER_TYPES)
+@pytest.mark.parametrize("with_image", [True, False])
+def test_forward_shapes_and_finite_losses(router_type, with_image):
+    model = make_model(router_type=router_type, num_shared_experts=1)
+    inputs = make_inputs(model.config, with_image=with_image)
+    out = model(**inputs, labels=inputs["input_ids"])
+    assert out.logits.shape == (*inputs["input_ids"].shape, 128)
+    for value in (out.loss, out.aux_loss, out.z_loss):
+        assert torch.isfinite(value)
+    assert (out.l1_loss is not None) == (router_type == "relu")
+    assert (out.image_hidden_states is not None) == with_image
+    assert ("image/experts_per_token" in out.routing_stats) == with_image
+    assert out.routing_stats["text/tokens_per_expert"].shape == (2, 4)
+
+
+@pytest.mark.parametrize("vision", list(VISION_CONFIGS))
+def test_every_vision_tower_feeds_the_decoder(vision):
+    model = make_model(vision)
+    inputs = make_inputs(model.config)
+    out = model(**inputs)
+    assert out.image_hidden_states.shape == (2, model.config.image_seq_length, 32)
+    # The projected features are what the decoder sees at the image positions.
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    image_mask = inputs["input_ids"] == IMAGE_TOKEN_ID
+    embeds[image_mask] = out.image_hidden_states.reshape(-1, 32)
+    same = model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"],
+                 mm_token_type_ids=image_mask.long())
+    torch.testing.assert_close(same.logits, out.logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("router_type", ROUTER_TYPES)
+def test_left_padding_does_not_change_the_real_tokens(router_type):
+    model = make_model(router_type=router_type)
+    batch = make_inputs(model.config, batch_size=2, left_pad=[3, 0], seed=3)
+    out = model(**batch)
+    for row in range(2):
+        real = batch["attention_mask"][row].bool()
+        single = model(input_ids=batch["input_ids"][row:row + 1, real],
+                       pixel_values=batch["pixel_values"][row:row + 1])
+        torch.testing.assert_close(out.logits[row, real], single.logits[0], rtol=0, atol=2e-5)
+
+
+def test_image_tokens_are_routed_only_to_image_experts():
+    model = make_model(num_shared_experts=1)
+    inputs = make_inputs(model.config)
+    seen = {}
+
+    def record(name):
+        def hook(module, args, output):
+            seen[name] = args[0].shape[0]
+        return hook
+
+    hooks = [
+        module.register_forward_hook(record(name))
+        for name, module in model.named_modules() if name.endswith(("text_moe.experts", "image_moe.experts",
+                                                                     "shared_experts"))
+    ]
+    out = model(**inputs, output_router_logits=True)
+    for hook in hooks:
+        hook.remove()
+    n_tokens = inputs["input_ids"].numel()
+    n_image = int((inputs["input_ids"] == IMAGE_TOKEN_ID).sum())
+    flat_is_image = (inputs["input_ids"] == IMAGE_TOKEN_ID).reshape(-1)
+    assert len(out.router_logits) == 4  # 2 sparse layers x 2 groups
+    for routing in out.router_logits:
+        assert isinstance(routing, SparseMoEVLMRouting)
+        expected = flat_is_image.nonzero()[:, 0] if routing.group == "image" else (~flat_is_image).nonzero()[:, 0]
+        assert torch.equal(routing.token_index, expected)
+        assert routing.router_logits.shape == (len(expected), 2 if routing.group == "image" else 4)
+    # top-k=2: each image token is two (token, expert) rows of the image experts, and never reaches text experts.
+    for layer in range(2):
+        assert seen[f"model.language_model.layers.{layer}.mlp.image_moe.experts"] == n_image
+        assert seen[f"model.language_model.layers.{layer}.mlp.text_moe.experts"] == n_tokens - n_image
+        assert seen[f"model.language_model.layers.{layer}.mlp.shared_experts"] == n_tokens
+
+
+def test_single_pool_serves_every_token_when_there_is_no_image_group():
+    model = make_model(num_image_experts=0)
+    inputs = make_inputs(model.config)
+    out = model(**inputs, output_router_logits=True)
+    assert [r.group for r in out.router_logits] == ["text", "text"]
+    assert all(r.token_index.numel() == inputs["input_ids"].numel() for r in out.router_logits)
+    assert model.model.language_model.layers[0].mlp.image_moe is None
+
+
+def test_changing_image_experts_leaves_text_only_prompts_untouched():
+    model = make_model()
+    inputs = make_inputs(model.config, with_image=False)
+    before = model(**inputs).logits
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.mlp.image_moe.experts.down_proj.mul_(10)
+    torch.testing.assert_close(model(**inputs).logits, before, rtol=0, atol=0)
+    image_inputs = make_inputs(model.config)
+    assert not torch.allclose(model(**image_inputs).logits, make_model()(**image_inputs).logits)
+
+
+@pytest.mark.parametrize("router_type", ROUTER_TYPES)
+def test_gradients_reach_routers_and_experts_of_both_groups(router_type):
+    model = make_model(router_type=router_type, num_shared_experts=1).train()
+    inputs = make_inputs(model.config)
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    for layer in range(2):
+        prefix = f"model.language_model.layers.{layer}.mlp"
+        for group in ("text_moe", "image_moe"):
+            for param in ("router.weight", "experts.gate_up_proj", "experts.down_proj"):
+                grad = model.get_parameter(f"{prefix}.{group}.{param}").grad
+                assert grad is not None and grad.abs().sum() > 0, f"{prefix}.{group}.{param}"
+        assert model.get_parameter(f"{prefix}.shared_experts.up_proj.weight").grad.abs().sum() > 0
+    assert model.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
+    assert next(model.model.vision_tower.parameters()).grad is not None
+
+
+@pytest.mark.parametrize("router_type", ROUTER_TYPES)
+def test_each_router_loss_is_differentiable(router_type):
+    model = make_model(router_type=router_type)
+    inputs = make_inputs(model.config)
+    out = model(**inputs, output_router_logits=True)
+    assert out.loss is None  # no labels: nothing added, losses only reported
+    losses = [out.aux_loss, out.z_loss] + ([out.l1_loss] if router_type == "relu" else [])
+    for loss in losses:
+        model.zero_grad()
+        loss.backward(retain_graph=True)
+        router = model.model.language_model.layers[0].mlp.image_moe.router.weight
+        assert router.grad is not None and router.grad.abs().sum() > 0
+
+
+def test_loss_is_cross_entropy_plus_weighted_router_losses():
+    model = make_model(router_type="relu", router_l1_loss_coef=0.05)
+    inputs = make_inputs(model.config)
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    out = model(**inputs, labels=labels)
+    shift_logits, shift_labels = out.logits[:, :-1].reshape(-1, 128), labels[:, 1:].reshape(-1)
+    ce = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+    expected = ce + 0.01 * out.aux_loss + 0.001 * out.z_loss + 0.05 * out.l1_loss
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_balance_loss_is_one_for_uniform_routing_and_z_loss_matches_definition():
+    model = make_model()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("router.weight"):
+                param.zero_()  # uniform probabilities: every expert equally likely
+    inputs = make_inputs(model.config, with_image=False, batch_size=1, text_len=40)
+    out = model(**inputs, output_router_logits=True)
+    # Uniform P_e = 1/E; the balance term is then E * sum_e f_e / E = 1 whatever the tie-breaking.
+    torch.testing.assert_close(out.aux_loss, torch.tensor(1.0))
+    torch.testing.assert_close(out.z_loss, torch.log(torch.tensor(4.0)) ** 2)
+
+
+def test_padding_is_excluded_from_router_losses():
+    model = make_model()
+    inputs = make_inputs(model.config, batch_size=2, left_pad=[4, 0])
+    padded = model(**inputs, output_router_logits=True)
+    ones = model(**{**inputs, "attention_mask": torch.ones_like(inputs["attention_mask"])},
+                 output_router_logits=True)
+    # 2 sparse layers x top-2 assignments per real text token
+    assert padded.routing_stats["text/tokens_per_expert"].sum() == 2 * 2 * int(
+        (inputs["attention_mask"].bool() & (inputs["input_ids"] != IMAGE_TOKEN_ID)).sum()
+    )
+    assert not torch.isclose(padded.aux_loss, ones.aux_loss)
+
+
+def test_top_p_takes_the_fewest_experts_reaching_the_mass():
+    model = make_model(router_type="top_p", router_top_p=0.6, num_experts=8, num_image_experts=8,
+                       router_max_experts_per_tok=6)
+    _sharpen_routers(model, scale=3.0)
+    inputs = make_inputs(model.config, text_len=30)
+    out = model(**inputs, output_router_logits=True)
+    counts = []
+    for routing in out.router_logits:
+        probs = routing.router_logits.softmax(-1)
+        sorted_probs, _ = probs.sort(-1, descending=True)
+        needed = (sorted_probs.cumsum(-1) < 0.6).sum(-1) + 1  # fewest experts whose mass reaches 0.6
+        active = (routing.routing_weights > 0).sum(-1)
+        assert torch.equal(active, needed.clamp(max=6))
+        torch.testing.assert_close(routing.routing_weights.sum(-1), torch.ones(len(active)))
+        counts.append(active)
+    counts = torch.cat(counts)
+    assert counts.min() < counts.max(), "the number of experts should vary per token"
+    per_token = torch.cat([(r.routing_weights > 0).sum(-1).float() for r in out.router_logits if r.group == "text"])
+    torch.testing.assert_close(out.routing_stats["text/experts_per_token"], per_token.mean())
+
+
+def test_relu_router_switches_experts_off_per_token():
+    model = make_model(router_type="relu", num_experts=8, num_image_experts=8)
+    _sharpen_routers(model, scale=3.0)
+    inputs = make_inputs(model.config, text_len=30)
+    out = model(**inputs, output_router_logits=True)
+    active = []
+    for routing in out.router_logits:
+        torch.testing.assert_close(routing.routing_weights, F.relu(routing.router_logits))
+        active.append((routing.routing_weights > 0).sum(-1))
+    active = torch.cat(active)
+    assert active.min() < active.max()
+    # L1 = (1/b) * mean over tokens of the summed gates, averaged over routing records.
+    expected = torch.stack([r.routing_weights.sum(-1).mean() for r in out.router_logits]).mean()
+    torch.testing.assert_close(out.l1_loss, expected)
+
+
+def test_relu_token_with_every_gate_off_gets_no_expert_output():
+    model = make_model(router_type="relu")
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.mlp.text_moe.router.weight.fill_(0.0)  # relu(0) = 0: every text expert off
+    group = model.model.language_model.layers[0].mlp.text_moe
+    hidden = torch.randn(5, 32)
+    output, routing = group(hidden, torch.arange(5))
+    assert torch.count_nonzero(routing.routing_weights) == 0
+    torch.testing.assert_close(output, torch.zeros_like(output), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("target,grows", [(1.0, True), (8.0, False)])
+def test_laplace_coefficient_adapts_toward_target_active_experts(target, grows):
+    model = make_model(router_type="relu", router_target_active_experts=target, router_laplace_adapt_rate=1.5,
+                       router_laplace_b=2.0).train()
+    router = model.model.language_model.layers[0].mlp.text_moe.router
+    assert router.laplace_inv_scale.item() == pytest.approx(0.5)
+    inputs = make_inputs(model.config)
+    model(**inputs, labels=inputs["input_ids"])
+    # At init about half of the 4 experts are active: above a target of 1, below a target of 8.
+    assert router.laplace_inv_scale.item() == pytest.approx(0.75 if grows else 0.5 / 1.5)
+    model.eval()
+    model(**inputs, labels=inputs["input_ids"])
+    assert router.laplace_inv_scale.item() == pytest.approx(0.75 if grows else 0.5 / 1.5)  # frozen in eval
+    assert "model.language_model.layers.0.mlp.text_moe.router.laplace_inv_scale" in model.state_dict()
+
+
+@pytest.mark.parametrize("router_type", ROUTER_TYPES)
+def test_experts_implementations_give_the_same_logits(router_type):
+    model = make_model(router_type=router_type, num_shared_experts=1)
+    _sharpen_routers(model, scale=2.0)
+    inputs = make_inputs(model.config)
+    logits = {}
+    for implementation in ("eager", "batched_mm", "grouped_mm"):
+        model.set_experts_implementation(implementation)
+        assert model.config.text_config._experts_implementation == implementation
+        with torch.no_grad():
+            logits[implementation] = model(**inputs).logits
+    torch.testing.assert_close(logits["batched_mm"], logits["eager"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits["grouped_mm"], logits["eager"], rtol=0, atol=1e-5)
+
+
+def test_hidden_states_and_eager_attentions_are_returned():
+    model = make_model(mlp_layer_types=["dense", "sparse"])
+    model.set_attn_implementation("eager")
+    inputs = make_inputs(model.config)
+    out = model(**inputs, output_hidden_states=True, output_attentions=True)
+    seq_len = inputs["input_ids"].shape[1]
+    assert len(out.hidden_states) == 3 and out.hidden_states[0].shape == (2, seq_len, 32)
+    assert len(out.attentions) == 2 and out.attentions[0].shape == (2, 4, seq_len, seq_len)
+    torch.testing.assert_close(out.attentions[0].sum(-1), torch.ones(2, 4, seq_len))
+
+
+def test_sdpa_and_eager_attention_agree():
+    model = make_model()
+    inputs = make_inputs(model.config, left_pad=[2, 0])
+    sdpa = model(**inputs).logits
+    model.set_attn_implementation("eager")
+    eager = model(**inputs).logits
+    mask = inputs["attention_mask"].bool()
+    torch.testing.assert_close(eager[mask], sdpa[mask], rtol=0, atol=1e-5)
+
+
+def test_dense_layers_have_a_plain_mlp_and_no_router():
+    model = make_model(mlp_layer_types=["dense", "sparse"])
+    inputs = make_inputs(model.config)
+    out = model(**inputs, output_router_logits=True)
+    assert {r.layer_idx for r in out.router_logits} == {1}
+    assert not hasattr(model.model.language_model.layers[0].mlp, "text_moe")
+    assert out.routing_stats["text/tokens_per_expert"].shape == (1, 4)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    inputs = make_inputs(make_model().config)
+    grads = []
+    for checkpointing in (False, True):
+        model = make_model(router_type="top_p").train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+            assert model.model.language_model.layers[0].gradient_checkpointing
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)
+
+
+def test_mismatched_image_tokens_raise_with_both_counts():
+    model = make_model()
+    inputs = make_inputs(model.config, batch_size=2)
+    inputs["pixel_values"] = inputs["pixel_values"][:1]
+    with pytest.raises(ValueError, match="32 image tokens but 1 image"):
+        model(**inputs)
+
+
+def test_wrong_pixel_values_rank_raises():
+    model = make_model()
+    inputs = make_inputs(model.config)
+    with pytest.raises(ValueError, match="pixel_values"):
+        model(**{**inputs, "pixel_values": inputs["pixel_values"][0]})
+
+
+def test_tied_word_embeddings():
+    model = make_model(tie_word_embeddings=True)
+    assert model.config.tie_word_embeddings
+    assert model.lm_head.weight is model.get_input_embeddings().weight
