@@ -297,6 +297,10 @@ class SparseMoEVLMConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         _check(isinstance(self.text_config, SparseMoEVLMTextConfig), "text_config",
                f"must be a SparseMoEVLMTextConfig (or its dict), got {type(self.text_config).__name__}.")
+        if getattr(self.vision_config, "vision_use_head", False):
+            # SigLIP's pooling head is never used (the decoder reads patch tokens); without it no parameter sits
+            # idle under DDP, and disk offload does not trip on nn.MultiheadAttention's direct weight access.
+            self.vision_config.vision_use_head = False
         _check(self.vision_feature_select_strategy in VISION_FEATURE_SELECT_STRATEGIES,
                "vision_feature_select_strategy",
                f"must be one of {VISION_FEATURE_SELECT_STRATEGIES}, got {self.vision_feature_select_strategy!r}.")
@@ -316,6 +320,17 @@ class SparseMoEVLMConfig(PreTrainedConfig):
         # Like Llava: a checkpoint may carry the flag on its text config only.
         if not self.tie_word_embeddings and self.text_config.tie_word_embeddings:
             self.tie_word_embeddings = True
+
+    @property
+    def _experts_implementation(self) -> str | None:
+        return self._experts_implementation_internal
+
+    @_experts_implementation.setter
+    def _experts_implementation(self, value: str | dict | None) -> None:
+        # A plain string names the decoder's experts kernel: the vision tower has no experts and would reject it.
+        if isinstance(value, str):
+            value = {"": value, "text_config": value}
+        PreTrainedConfig._experts_implementation.fset(self, value)
 
     @property
     def vision_feature_size(self) -> int:

@@ -4,7 +4,8 @@ import pytest
 from transformers import AutoConfig, CLIPVisionConfig
 
 from hf_sparsemoe_vlm import SparseMoEVLMConfig, SparseMoEVLMTextConfig
-from conftest import IMAGE_TOKEN_ID, VISION_CONFIGS, make_config
+
+from tiny_models import IMAGE_TOKEN_ID, VISION_CONFIGS, make_config
 
 
 def test_default_config_is_siglip_with_two_expert_groups():

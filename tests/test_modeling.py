@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from hf_sparsemoe_vlm import SparseMoEVLMRouting
-from conftest import IMAGE_TOKEN_ID, VISION_CONFIGS, make_inputs, make_model
+
+from tiny_models import IMAGE_TOKEN_ID, VISION_CONFIGS, make_inputs, make_model
 
 
 ROUTER_TYPES = ["topk", "top_p", "relu"]

@@ -1,0 +1,64 @@
+"""Tiny SparseMoE-VLM configs and inputs shared by the tests (hidden sizes 32, a few experts: seconds on CPU)."""
+
+import torch
+
+from hf_sparsemoe_vlm import SparseMoEVLMConfig, SparseMoEVLMForConditionalGeneration
+
+
+IMAGE_TOKEN_ID = 127
+PAD_TOKEN_ID = 0
+IMAGE_SIZE = 32
+
+VISION_CONFIGS = {
+    "siglip": {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+               "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": IMAGE_SIZE, "patch_size": 8},
+    "clip": {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+             "num_attention_heads": 2, "image_size": IMAGE_SIZE, "patch_size": 8, "projection_dim": 32},
+    "dinov2": {"model_type": "dinov2", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+               "mlp_ratio": 2, "image_size": IMAGE_SIZE, "patch_size": 8},
+    "convnext": {"model_type": "convnext", "hidden_sizes": [16, 32], "depths": [1, 1], "num_stages": 2,
+                 "image_size": IMAGE_SIZE},
+    "resnet": {"model_type": "resnet", "embedding_size": 16, "hidden_sizes": [16, 32], "depths": [1, 1],
+               "layer_type": "basic"},
+}
+
+
+def make_config(vision: str = "siglip", **text_overrides) -> SparseMoEVLMConfig:
+    """A tiny config; keyword arguments override the text (decoder) config."""
+    text_config = {
+        "vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "moe_intermediate_size": 32, "num_experts": 4,
+        "num_image_experts": 2, "num_experts_per_tok": 2, "pad_token_id": PAD_TOKEN_ID, "bos_token_id": 1,
+        "eos_token_id": 2, "max_position_embeddings": 256,
+    }
+    text_config.update(text_overrides)
+    return SparseMoEVLMConfig(
+        vision_config=dict(VISION_CONFIGS[vision]), text_config=text_config, image_token_id=IMAGE_TOKEN_ID,
+        image_size=IMAGE_SIZE,
+    )
+
+
+def make_model(vision: str = "siglip", seed: int = 0, **text_overrides) -> SparseMoEVLMForConditionalGeneration:
+    torch.manual_seed(seed)
+    return SparseMoEVLMForConditionalGeneration(make_config(vision, **text_overrides)).eval()
+
+
+def make_inputs(config: SparseMoEVLMConfig, batch_size: int = 2, text_len: int = 6, with_image: bool = True,
+                left_pad: list[int] | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+    """`[pad..] bos <image tokens> text...` prompts; `left_pad[i]` pads row i on the left."""
+    generator = torch.Generator().manual_seed(seed)
+    left_pad = left_pad or [0] * batch_size
+    n_image = config.image_seq_length if with_image else 0
+    length = max(left_pad) + 1 + n_image + text_len
+    input_ids = torch.full((batch_size, length), PAD_TOKEN_ID)
+    attention_mask = torch.zeros(batch_size, length, dtype=torch.long)
+    for row in range(batch_size):
+        body_len = 1 + n_image + text_len - (left_pad[row] - min(left_pad))
+        text = torch.randint(3, 120, (body_len - 1 - n_image,), generator=generator)
+        body = torch.cat([torch.tensor([1]), torch.full((n_image,), IMAGE_TOKEN_ID), text])
+        input_ids[row, length - body_len:] = body
+        attention_mask[row, length - body_len:] = 1
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if with_image:
+        inputs["pixel_values"] = torch.randn(batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+    return inputs
