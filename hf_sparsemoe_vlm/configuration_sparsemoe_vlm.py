@@ -276,6 +276,9 @@ class SparseMoEVLMConfig(PreTrainedConfig):
     ```"""
 
     model_type = "sparsemoe_vlm"
+    # Trainer's evaluation keeps only the logits of the outputs.
+    keys_to_ignore_at_inference = ["cache", "aux_loss", "z_loss", "l1_loss", "router_logits", "routing_stats",
+                                   "image_hidden_states", "image_outputs", "hidden_states", "attentions"]
     attribute_map = {"image_token_index": "image_token_id"}
     sub_configs_defaults = {
         "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="siglip_vision_model"),

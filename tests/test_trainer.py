@@ -1,0 +1,56 @@
+"""The router losses under Transformers' Trainer: gradient accumulation must not over-weight them."""
+
+import math
+
+import pytest
+import torch
+from tiny_models import make_inputs, make_model
+from transformers import Trainer, TrainingArguments
+
+
+class FixedBatches(torch.utils.data.Dataset):
+    def __init__(self, model, n: int):
+        batch = make_inputs(model.config, batch_size=n, left_pad=[0, 2, 1, 3][:n], seed=4)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        self.rows = [{**{k: v[i] for k, v in batch.items()}, "labels": labels[i]} for i in range(n)]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        return self.rows[index]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("router_type", ["topk", "relu"])
+def test_gradient_accumulation_keeps_router_losses_at_their_weight(tmp_path, router_type):
+    model = make_model(router_type=router_type, router_aux_loss_coef=0.5, router_z_loss_coef=0.1)
+    data = FixedBatches(model, 4)
+    # The loss each micro-batch of 2 rows gives, computed by hand.
+    model.train()
+    with torch.no_grad():
+        micro = []
+        for start in (0, 2):
+            rows = [data[i] for i in range(start, start + 2)]
+            batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+            micro.append(model(**batch).loss.item())
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                             max_steps=1, learning_rate=0.0, logging_steps=1, report_to=[], use_cpu=True,
+                             dataloader_num_workers=0, save_strategy="no", seed=0,
+                             train_sampling_strategy="sequential")
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    # Mean of the micro-batch losses: with the aux terms over-weighted by the accumulation steps it would be larger.
+    assert logged[0] == pytest.approx(sum(micro) / 2, rel=1e-4)
+    assert math.isfinite(logged[0])
+
+
+@pytest.mark.slow
+def test_trainer_evaluate_returns_eval_loss_with_predictions(tmp_path):
+    model = make_model(router_type="top_p")
+    data = FixedBatches(model, 4)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=2, report_to=[], use_cpu=True,
+                             prediction_loss_only=False)
+    metrics = Trainer(model=model, args=args, eval_dataset=data).evaluate()
+    assert math.isfinite(metrics["eval_loss"])
