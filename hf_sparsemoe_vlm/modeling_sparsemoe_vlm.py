@@ -521,13 +521,14 @@ class SparseMoEVLMModel(SparseMoEVLMPreTrainedModel):
 
 def router_losses(
     routings: tuple[SparseMoEVLMRouting, ...],
-    attention_mask: torch.Tensor | None,
+    token_mask: torch.Tensor | None,
     laplace_inv_scales: dict[tuple[int, str], torch.Tensor],
     num_sparse_layers: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
     """Load-balancing, z- and L1/Laplace losses (averaged over routing records) and detached routing statistics.
 
-    Padding positions (`attention_mask == 0`) are excluded. The balance loss of a group with `E` experts is
+    `token_mask` is the flattened `(batch * seq_len)` attention mask of the tokens of this forward: padding
+    positions (0) are excluded. The balance loss of a group with `E` experts is
     `E * sum_e f_e * P_e` (Switch Transformer), with `f_e` the share of the group's active token-expert assignments
     that went to expert `e` and `P_e` its mean softmax probability: 1.0 when routing is uniform.
     """
@@ -535,19 +536,14 @@ def router_losses(
     balance, z, l1 = [], [], []
     load: dict[str, list[torch.Tensor]] = {}
     experts_per_token: dict[str, list[torch.Tensor]] = {}
-    flat_mask = None
-    if attention_mask is not None and attention_mask.ndim == 2:
-        flat_mask = attention_mask.reshape(-1)
     for routing in routings:
         logits, weights = routing.router_logits, routing.routing_weights
-        if flat_mask is None:
-            token_mask = torch.ones(logits.shape[0], device=logits.device)
+        if token_mask is None:
+            group_mask = torch.ones(logits.shape[0], device=logits.device)
         else:
-            # During cached decoding the mask also covers past tokens: keep the current positions only.
-            current = attention_mask[:, -(flat_mask.numel() // attention_mask.shape[0]):]
-            token_mask = current.reshape(-1).to(logits.device)[routing.token_index.to(logits.device)].float()
-        n_tokens = token_mask.sum()
-        active = (weights > 0).float() * token_mask[:, None]
+            group_mask = token_mask.to(logits.device)[routing.token_index.to(logits.device)].float()
+        n_tokens = group_mask.sum()
+        active = (weights > 0).float() * group_mask[:, None]
         num_experts = logits.shape[-1]
         load.setdefault(routing.group, []).append(active.sum(0).detach())
         experts_per_token.setdefault(routing.group, []).append((active.sum() / n_tokens.clamp(min=1)).detach())
@@ -555,12 +551,12 @@ def router_losses(
             continue
         probs = logits.softmax(dim=-1)
         share = active.sum(0) / active.sum().clamp(min=1)
-        mean_prob = (probs * token_mask[:, None]).sum(0) / n_tokens
+        mean_prob = (probs * group_mask[:, None]).sum(0) / n_tokens
         balance.append((num_experts * (share * mean_prob).sum()).to(device))
-        z.append(((torch.logsumexp(logits, dim=-1) ** 2 * token_mask).sum() / n_tokens).to(device))
+        z.append(((torch.logsumexp(logits, dim=-1) ** 2 * group_mask).sum() / n_tokens).to(device))
         scale = laplace_inv_scales.get((routing.layer_idx, routing.group))
         if scale is not None:
-            l1.append((scale.to(device) * (weights.sum(-1) * token_mask).sum() / n_tokens).to(device))
+            l1.append((scale.to(device) * (weights.sum(-1) * group_mask).sum() / n_tokens).to(device))
     zero = torch.zeros((), device=device)
     aux_loss = torch.stack(balance).mean() if balance else zero
     z_loss = torch.stack(z).mean() if z else zero
@@ -612,17 +608,14 @@ class SparseMoEVLMForConditionalGeneration(SparseMoEVLMPreTrainedModel, Generati
         return routers
 
     @torch.no_grad()
-    def _adapt_laplace_scales(self, routings, attention_mask) -> None:
+    def _adapt_laplace_scales(self, routings, token_mask: torch.Tensor | None) -> None:
         """Move each ReLU router's L1 coefficient toward `router_target_active_experts` active experts per token."""
         text_config = self.config.text_config
         routers = self._routers()
         for routing in routings:
             weights = routing.routing_weights
-            if weights.shape[0] == 0:
-                continue
-            if attention_mask is not None and attention_mask.ndim == 2:
-                token_mask = attention_mask.reshape(-1).to(weights.device)[routing.token_index.to(weights.device)]
-                weights = weights[token_mask.bool()]
+            if token_mask is not None:
+                weights = weights[token_mask.to(weights.device)[routing.token_index.to(weights.device)].bool()]
             if weights.shape[0] == 0:
                 continue
             active = (weights > 0).sum(-1).float().mean()
@@ -702,8 +695,12 @@ class SparseMoEVLMForConditionalGeneration(SparseMoEVLMPreTrainedModel, Generati
         if record_routing and outputs.router_logits:
             routers = self._routers()
             inv_scales = {key: r.laplace_inv_scale for key, r in routers.items() if r.router_type == "relu"}
+            token_mask = None
+            if attention_mask is not None and attention_mask.ndim == 2:
+                # With a cache the mask also covers past tokens: keep the positions of this forward.
+                token_mask = attention_mask[:, -outputs.last_hidden_state.shape[1] :].reshape(-1)
             aux_loss, z_loss, l1_loss, routing_stats = router_losses(
-                outputs.router_logits, attention_mask, inv_scales, len(text_config.sparse_layer_indices)
+                outputs.router_logits, token_mask, inv_scales, len(text_config.sparse_layer_indices)
             )
             if labels is not None:
                 router_loss = text_config.router_aux_loss_coef * aux_loss + text_config.router_z_loss_coef * z_loss
@@ -711,7 +708,7 @@ class SparseMoEVLMForConditionalGeneration(SparseMoEVLMPreTrainedModel, Generati
                     router_loss = router_loss + text_config.router_l1_loss_coef * l1_loss
                 loss = loss + router_loss.to(loss.device)
                 if self.training and inv_scales and text_config.router_target_active_experts is not None:
-                    self._adapt_laplace_scales(outputs.router_logits, attention_mask)
+                    self._adapt_laplace_scales(outputs.router_logits, token_mask)
 
         return SparseMoEVLMCausalLMOutputWithPast(
             loss=loss,

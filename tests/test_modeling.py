@@ -327,3 +327,17 @@ def test_tied_word_embeddings():
     model = make_model(tie_word_embeddings=True)
     assert model.config.tie_word_embeddings
     assert model.lm_head.weight is model.get_input_embeddings().weight
+
+
+def test_routing_stats_during_cached_decoding_count_the_new_tokens_only():
+    model = make_model()
+    inputs = make_inputs(model.config, left_pad=[3, 0])
+    prefill = model(**inputs, use_cache=True)
+    next_tokens = prefill.logits[:, -1].argmax(-1, keepdim=True)
+    attention_mask = torch.cat([inputs["attention_mask"], torch.ones(2, 1, dtype=torch.long)], dim=1)
+    step = model(input_ids=next_tokens, attention_mask=attention_mask, cache=prefill.cache,
+                 output_router_logits=True)
+    # Two new text tokens, top-2, two sparse layers; the left padding of the prompt plays no part.
+    assert step.routing_stats["text/tokens_per_expert"].sum() == 2 * 2 * 2
+    torch.testing.assert_close(step.routing_stats["text/experts_per_token"], torch.tensor(2.0))
+    assert torch.isfinite(step.aux_loss)

@@ -4,8 +4,9 @@ import math
 
 import pytest
 import torch
-from tiny_models import make_inputs, make_model
 from transformers import Trainer, TrainingArguments
+
+from tiny_models import make_inputs, make_model
 
 
 class FixedBatches(torch.utils.data.Dataset):
