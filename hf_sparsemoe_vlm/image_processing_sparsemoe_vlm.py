@@ -86,10 +86,14 @@ def _array_to_rgb(array: np.ndarray, input_data_format: ChannelDimension | str |
         array = array[..., None]
     if array.ndim != 3:
         raise ValueError(f"expected a 2D or 3D image array, got {array.ndim} dimensions")
-    channels_first = (input_data_format in (ChannelDimension.FIRST, "channels_first")) or (
-        input_data_format is None and array.shape[0] in (1, 2, 3, 4) and array.shape[-1] not in (1, 2, 3, 4)
-    )
-    if channels_first:
+    if input_data_format is None:  # like Transformers: a leading axis of 1-4 channels wins
+        if array.shape[0] in (1, 2, 3, 4):
+            input_data_format = ChannelDimension.FIRST
+        elif array.shape[-1] in (1, 2, 3, 4):
+            input_data_format = ChannelDimension.LAST
+        else:
+            raise ValueError(f"cannot find the channel axis (1, 2, 3 or 4 channels) in shape {array.shape}")
+    if input_data_format in (ChannelDimension.FIRST, "channels_first"):
         array = np.moveaxis(array, 0, -1)
     if array.shape[-1] not in (1, 2, 3, 4):
         raise ValueError(f"cannot find the channel axis (1, 2, 3 or 4 channels) in shape {array.shape}")
@@ -161,6 +165,8 @@ class SparseMoEVLMImageProcessor(PilBackend):
         if isinstance(image_url_or_urls, (str, os.PathLike)):
             return load_image_file(os.fspath(image_url_or_urls))
         if isinstance(image_url_or_urls, (PIL.Image.Image, np.ndarray)) or type(image_url_or_urls).__name__ == "Tensor":
+            if getattr(image_url_or_urls, "ndim", 3) == 2:  # one grayscale (H, W) image: give it a channel axis
+                return image_url_or_urls[..., None]
             return image_url_or_urls
         raise TypeError(f"`images` must be {ACCEPTED_IMAGE_TYPES}, or a list of them; got {_describe(image_url_or_urls)}.")
 

@@ -62,3 +62,22 @@ def make_inputs(config: SparseMoEVLMConfig, batch_size: int = 2, text_len: int =
     if with_image:
         inputs["pixel_values"] = torch.randn(batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
     return inputs
+
+
+CORPUS = [
+    "a red circle above a blue square",
+    "what colour is the triangle? green",
+    "two yellow stars left of a purple circle",
+    "how many squares are there? three",
+    "the small orange triangle is below the big cyan square",
+] * 10
+
+
+def make_processor_and_model(vision: str = "siglip", seed: int = 0, **text_overrides):
+    """A trained BPE tokenizer + image processor, and a tiny model whose config matches them."""
+    from hf_sparsemoe_vlm import SparseMoEVLMForConditionalGeneration, build_processor
+
+    config = make_config(vision, **{"vocab_size": 320, **text_overrides})
+    processor = build_processor(config, CORPUS)
+    torch.manual_seed(seed)
+    return processor, SparseMoEVLMForConditionalGeneration(config).eval()
