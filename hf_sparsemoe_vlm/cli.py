@@ -1,0 +1,179 @@
+# Copyright 2026 The hf_sparsemoe_vlm authors.
+# Licensed under the Apache License, Version 2.0.
+"""`sparsemoe-vlm` command line. `sparsemoe-vlm train` fine-tunes (or trains from a preset) a SparseMoE-VLM with
+Transformers' Trainer; it also runs under `accelerate launch`."""
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import HfArgumentParser, TrainingArguments, set_seed
+
+from .synthetic_shapes import QUESTION_TYPES
+from .training import TRAINING_STAGES
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "A SparseMoE-VLM checkpoint folder (model + processor) to fine-tune. "
+                                        "Without it a model is built from --preset and a tokenizer is trained."})
+    preset: str = field(default="tiny", metadata={"help": "Model preset used when no checkpoint is given."})
+    router_type: str | None = field(default=None, metadata={"help": "Override the preset's router: topk, top_p, relu."})
+    dense_baseline: bool = field(
+        default=False, metadata={"help": "Replace every sparse layer of the preset by a dense MLP with the same "
+                                         "number of active parameters (for side-by-side comparisons)."})
+    training_stage: str = field(default="full", metadata={"help": f"What trains: one of {TRAINING_STAGES}."})
+    freeze_vision_tower: bool = field(default=False, metadata={"help": "Freeze the vision tower."})
+
+
+@dataclass
+class DataArguments:
+    dataset: str = field(default="synthetic", metadata={"help": "`synthetic` (the embedded shapes set)."})
+    num_train_examples: int = field(default=40000, metadata={"help": "Synthetic training examples."})
+    num_validation_examples: int = field(default=200, metadata={"help": "Synthetic validation examples."})
+    num_test_examples: int = field(default=300, metadata={"help": "Synthetic test examples."})
+    synthetic_seed: int = field(default=0, metadata={"help": "Seed of the synthetic data."})
+    image_size: int = field(default=64, metadata={"help": "Side of the synthetic images (pixels)."})
+    question_types: str = field(default=",".join(QUESTION_TYPES),
+                                metadata={"help": "Comma-separated synthetic question types."})
+    max_new_tokens: int = field(default=24, metadata={"help": "Generation length for evaluation and answers."})
+    num_demo_answers: int = field(default=5, metadata={"help": "Test questions answered and printed at the end."})
+
+
+TRAIN_DEFAULTS = {
+    "output_dir": "runs/sparsemoe-vlm-tiny",
+    "per_device_train_batch_size": 32,
+    "per_device_eval_batch_size": 64,
+    "learning_rate": 2e-3,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 100,
+    "weight_decay": 0.0,
+    "max_steps": 3000,
+    "logging_steps": 50,
+    "eval_strategy": "no",
+    "save_strategy": "steps",
+    "save_steps": 500,
+    "save_total_limit": 2,
+    "report_to": "none",
+    "remove_unused_columns": False,
+    "dataloader_num_workers": 0,
+    "dataloader_pin_memory": False,
+    "seed": 0,
+}
+
+
+def parse_train_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), prog="sparsemoe-vlm train")
+    parser.set_defaults(**TRAIN_DEFAULTS)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def train(argv: list[str]) -> dict[str, float]:
+    """Run `sparsemoe-vlm train`; returns the final metrics."""
+    from . import SparseMoEVLMForConditionalGeneration, SparseMoEVLMProcessor, build_processor
+    from .metrics import load_metric
+    from .synthetic_shapes import make_synthetic_dataset
+    from .training import (
+        SparseMoEVLMTrainer,
+        VLMDataCollator,
+        apply_training_stage,
+        generate_answers,
+        plot_expert_load,
+        preset_config,
+    )
+
+    model_args, data_args, training_args = parse_train_args(argv)
+    set_seed(training_args.seed)
+    started = time.time()
+    output_dir = Path(training_args.output_dir)
+
+    if data_args.dataset != "synthetic":
+        raise ValueError(f"Unknown dataset {data_args.dataset!r}: this version trains on `synthetic`.")
+    question_types = tuple(t.strip() for t in data_args.question_types.split(",") if t.strip())
+    dataset = make_synthetic_dataset(data_args.num_train_examples, data_args.num_validation_examples,
+                                     data_args.num_test_examples, seed=data_args.synthetic_seed,
+                                     image_size=data_args.image_size, question_types=question_types)
+
+    if model_args.model_name_or_path:
+        processor = SparseMoEVLMProcessor.from_pretrained(model_args.model_name_or_path)
+        model = SparseMoEVLMForConditionalGeneration.from_pretrained(model_args.model_name_or_path)
+    else:
+        overrides = {"router_type": model_args.router_type} if model_args.router_type else {}
+        config = preset_config(model_args.preset, **overrides)
+        if model_args.dense_baseline:
+            # Same active parameters per token: each sparse layer becomes one MLP as wide as the experts a token
+            # uses (top-k routed + shared).
+            text = config.text_config
+            active_width = (text.num_experts_per_tok + text.num_shared_experts) * text.moe_intermediate_size
+            if "dense" in text.mlp_layer_types and text.intermediate_size != active_width:
+                raise ValueError(f"--dense_baseline needs the preset's dense layers to be as wide as a sparse layer's "
+                                 f"active experts ({active_width}); got intermediate_size={text.intermediate_size}.")
+            config = preset_config(model_args.preset, **overrides, intermediate_size=active_width,
+                                   mlp_layer_types=["dense"] * text.num_hidden_layers)
+        train_split = dataset["train"]
+        texts = list(train_split["question"]) + list(train_split["answer"]) + list(train_split["caption"])
+        processor = build_processor(config, texts)
+        model = SparseMoEVLMForConditionalGeneration(config)
+    counts = apply_training_stage(model, model_args.training_stage, model_args.freeze_vision_tower)
+    print(f"model: {counts['total']:,} parameters, {counts['trainable']:,} trainable "
+          f"(stage {model_args.training_stage}); router {model.config.text_config.router_type}", flush=True)
+
+    collator = VLMDataCollator(processor)
+    trainer = SparseMoEVLMTrainer(
+        model=model, args=training_args, train_dataset=dataset["train"], eval_dataset=dataset["validation"],
+        data_collator=collator, processing_class=processor, generation_collator=collator,
+        generation_max_new_tokens=data_args.max_new_tokens,
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+
+    metrics = {f"validation_{k.removeprefix('eval_')}": v for k, v in trainer.evaluate().items()}
+    test = dataset["test"]
+    predictions = generate_answers(model, collator, test, batch_size=training_args.per_device_eval_batch_size,
+                                   max_new_tokens=data_args.max_new_tokens)
+    references = list(test["answer"])
+    kinds = [QUESTION_TYPES[k] for k in test["question_type"]]
+    exact_match = load_metric("vqa_exact_match")
+    short = [i for i, kind in enumerate(kinds) if kind != "caption"]
+    metrics["test_exact_match"] = exact_match.compute(predictions=[predictions[i] for i in short],
+                                                      references=[references[i] for i in short])["exact_match"]
+    for kind in question_types:
+        rows = [i for i, k in enumerate(kinds) if k == kind]
+        metrics[f"test_exact_match_{kind}"] = exact_match.compute(
+            predictions=[predictions[i] for i in rows], references=[references[i] for i in rows])["exact_match"]
+    metrics["train_minutes"] = round((time.time() - started) / 60, 2)
+
+    if trainer.is_world_process_zero():
+        trainer.save_model(str(output_dir))
+        processor.save_pretrained(output_dir)
+        if trainer.expert_load:
+            plot_expert_load(trainer.expert_load, output_dir / "expert_load.png",
+                             [f"layer {i}" for i in model.config.text_config.sparse_layer_indices])
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (output_dir / "run_args.json").write_text(json.dumps(
+            {"model": asdict(model_args), "data": asdict(data_args)}, indent=2))
+        print("\nTest questions:")
+        for i in range(min(data_args.num_demo_answers, len(test))):
+            print(f"  Q: {test[i]['question']}\n  A: {predictions[i]}   (reference: {references[i]})")
+        print("\nMetrics: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
+        print(f"Saved model, processor and routing plot to {output_dir}")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {"train": train}
+    if not argv or argv[0] not in commands:
+        print("usage: sparsemoe-vlm {train} [options]   (sparsemoe-vlm train --help for the options)",
+              file=sys.stderr)
+        return 2
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    commands[argv[0]](argv[1:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+# Copyright 2026 The hf_sparsemoe_vlm authors.
+# Licensed under the Apache License, Version 2.0.
+"""The embedded default dataset: images of coloured geometric shapes with captions and questions about colour,
+shape, count and relative position. Generated on the fly, deterministic by seed, no download."""
+
+import random
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw
+
+
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 80, 220),
+    "yellow": (230, 200, 30),
+    "purple": (140, 50, 180),
+}
+SHAPES = ("circle", "square", "triangle")
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
+QUESTION_TYPES = ("colour", "shape", "count", "position", "caption")
+
+
+@dataclass(frozen=True)
+class PlacedShape:
+    shape: str
+    colour: str
+    x: int  # centre
+    y: int
+    radius: int
+
+    def describe(self) -> str:
+        return f"a {self.colour} {self.shape}"
+
+
+def draw_shapes(shapes: list[PlacedShape], image_size: int, background=(245, 245, 245)) -> Image.Image:
+    image = Image.new("RGB", (image_size, image_size), background)
+    draw = ImageDraw.Draw(image)
+    for s in shapes:
+        box = (s.x - s.radius, s.y - s.radius, s.x + s.radius, s.y + s.radius)
+        fill = COLOURS[s.colour]
+        if s.shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif s.shape == "square":
+            draw.rectangle(box, fill=fill)
+        else:
+            draw.polygon([(s.x, s.y - s.radius), (s.x - s.radius, s.y + s.radius), (s.x + s.radius, s.y + s.radius)],
+                         fill=fill)
+    return image
+
+
+def _place(rng: random.Random, count: int, image_size: int) -> list[PlacedShape]:
+    """`count` shapes with distinct shape types and colours, not overlapping, at distinct horizontal positions."""
+    kinds = rng.sample(SHAPES, count)
+    colours = rng.sample(list(COLOURS), count)
+    min_radius, max_radius = max(3, image_size // 8), max(4, image_size // 5)
+    while True:
+        placed = []
+        for kind, colour in zip(kinds, colours, strict=True):
+            radius = rng.randint(min_radius, max_radius)
+            x = rng.randint(radius + 1, image_size - radius - 2)
+            y = rng.randint(radius + 1, image_size - radius - 2)
+            placed.append(PlacedShape(kind, colour, x, y, radius))
+        separated = all(
+            abs(a.x - b.x) >= a.radius + b.radius + 2 or abs(a.y - b.y) >= a.radius + b.radius + 2
+            for i, a in enumerate(placed) for b in placed[i + 1:]
+        )
+        distinct_columns = all(abs(a.x - b.x) >= image_size // 8 for i, a in enumerate(placed) for b in placed[i + 1:])
+        if separated and distinct_columns:
+            return placed
+
+
+def caption(shapes: list[PlacedShape]) -> str:
+    """Shapes described from left to right."""
+    ordered = sorted(shapes, key=lambda s: s.x)
+    parts = [s.describe() for s in ordered]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def make_question(rng: random.Random, shapes: list[PlacedShape], kind: str) -> tuple[str, str]:
+    if kind == "colour":
+        target = rng.choice(shapes)
+        return f"What colour is the {target.shape}?", target.colour
+    if kind == "shape":
+        target = rng.choice(shapes)
+        return f"What shape is {target.colour}?", target.shape
+    if kind == "count":
+        return "How many shapes are there?", NUMBER_WORDS[len(shapes)]
+    if kind == "position":
+        first, second = rng.sample(shapes, 2)
+        answer = "left" if first.x < second.x else "right"
+        return f"Is the {first.shape} left or right of the {second.shape}?", answer
+    if kind == "caption":
+        return "Describe the image.", caption(shapes)
+    raise ValueError(f"Unknown question type {kind!r}; expected one of {QUESTION_TYPES}.")
+
+
+def generate_examples(num_examples: int, seed: int, image_size: int = 48,
+                      question_types: tuple[str, ...] = QUESTION_TYPES) -> dict[str, list]:
+    """Columns `image` (PIL), `question`, `answer`, `question_type`, `caption`, deterministic in `seed`."""
+    unknown = [kind for kind in question_types if kind not in QUESTION_TYPES]
+    if unknown:
+        raise ValueError(f"Unknown question types {unknown}; expected a subset of {QUESTION_TYPES}.")
+    rng = random.Random(seed)
+    columns = {"image": [], "question": [], "answer": [], "question_type": [], "caption": []}
+    for _ in range(num_examples):
+        kind = rng.choice(question_types)
+        count = rng.randint(2 if kind == "position" else 1, 3)
+        shapes = _place(rng, count, image_size)
+        question, answer = make_question(rng, shapes, kind)
+        columns["image"].append(draw_shapes(shapes, image_size))
+        columns["question"].append(question)
+        columns["answer"].append(answer)
+        columns["question_type"].append(kind)
+        columns["caption"].append(caption(shapes))
+    return columns
+
+
+def make_synthetic_dataset(num_train: int = 6000, num_validation: int = 300, num_test: int = 300, seed: int = 0,
+                           image_size: int = 48, question_types: tuple[str, ...] = QUESTION_TYPES):
+    """The synthetic shapes VQA / captioning dataset as a `datasets.DatasetDict` (train / validation / test, each
+    from its own seed) with an `Image` column."""
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+    from datasets import Image as ImageFeature
+
+    features = Features({
+        "image": ImageFeature(), "question": Value("string"), "answer": Value("string"),
+        "question_type": ClassLabel(names=list(QUESTION_TYPES)), "caption": Value("string"),
+    })
+    splits = {}
+    for offset, (name, size) in enumerate((("train", num_train), ("validation", num_validation), ("test", num_test))):
+        columns = generate_examples(size, seed=seed * 1000 + offset, image_size=image_size,
+                                    question_types=question_types)
+        columns["question_type"] = [QUESTION_TYPES.index(kind) for kind in columns["question_type"]]
+        splits[name] = Dataset.from_dict(columns, features=features)
+    return DatasetDict(splits)
+
+
+__all__ = ["COLOURS", "QUESTION_TYPES", "SHAPES", "generate_examples", "make_synthetic_dataset"]

@@ -1,0 +1,54 @@
+import numpy as np
+import pytest
+from datasets import Image as ImageFeature
+
+from hf_sparsemoe_vlm.synthetic_shapes import (
+    COLOURS,
+    NUMBER_WORDS,
+    QUESTION_TYPES,
+    SHAPES,
+    generate_examples,
+    make_synthetic_dataset,
+)
+
+
+def test_dataset_is_deterministic_by_seed_and_splits_differ():
+    first = make_synthetic_dataset(20, 5, 5, seed=3)
+    second = make_synthetic_dataset(20, 5, 5, seed=3)
+    other = make_synthetic_dataset(20, 5, 5, seed=4)
+    assert isinstance(first["train"].features["image"], ImageFeature)
+    for a, b in zip(first["train"], second["train"], strict=True):
+        assert a["question"] == b["question"] and a["answer"] == b["answer"]
+        assert np.array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+    assert [r["caption"] for r in first["train"]] != [r["caption"] for r in other["train"]]
+    assert [r["caption"] for r in first["train"]][:5] != [r["caption"] for r in first["test"]]
+
+
+def test_answers_agree_with_the_pixels():
+    columns = generate_examples(200, seed=1, image_size=48)
+    names = ("image", "question", "answer", "question_type", "caption")
+    for image, question, answer, kind, caption in zip(*(columns[k] for k in names), strict=True):
+        pixels = np.asarray(image).reshape(-1, 3)
+        present = {name for name, rgb in COLOURS.items() if (pixels == rgb).all(-1).sum() > 5}
+        described = [part.split()[-2] for part in caption.replace(" and ", ", ").split(", ")]
+        assert set(described) == present  # every shape in the caption is drawn, in its colour
+        if kind == "colour":
+            assert answer in present and f"{answer} {question.split()[-1][:-1]}" in caption
+        elif kind == "shape":
+            assert answer in SHAPES and f"{question.split()[-1][:-1]} {answer}" in caption
+        elif kind == "count":
+            assert answer == NUMBER_WORDS[len(present)]
+        elif kind == "position":
+            first, second = question.split()[2], question.split()[-1][:-1]
+            order = [part.split()[-1] for part in caption.replace(" and ", ", ").split(", ")]  # left to right
+            assert answer == ("left" if order.index(first) < order.index(second) else "right")
+        else:
+            assert answer == caption
+
+
+def test_question_types_can_be_chosen_and_unknown_ones_are_rejected():
+    columns = generate_examples(30, seed=0, question_types=("count",))
+    assert set(columns["question_type"]) == {"count"}
+    with pytest.raises(ValueError, match="Unknown question types"):
+        generate_examples(3, seed=0, question_types=("colour", "texture"))
+    assert QUESTION_TYPES == ("colour", "shape", "count", "position", "caption")

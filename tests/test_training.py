@@ -1,0 +1,126 @@
+import json
+
+import PIL.Image
+import pytest
+import torch
+
+from hf_sparsemoe_vlm.cli import main, parse_train_args
+from hf_sparsemoe_vlm.training import (
+    VLMDataCollator,
+    apply_training_stage,
+    exact_match,
+    plot_expert_load,
+    preset_config,
+    routing_health,
+)
+
+from tiny_models import make_processor_and_model
+
+
+ROWS = [
+    {"image": PIL.Image.new("RGB", (20, 20), (255, 0, 0)), "question": "What colour?", "answer": "red"},
+    {"image": PIL.Image.new("RGB", (20, 20), (0, 0, 255)), "question": "How many shapes are there?",
+     "answer": "one blue square"},
+]
+
+
+def test_collator_labels_only_the_answers():
+    processor, model = make_processor_and_model()
+    batch = VLMDataCollator(processor)(ROWS)
+    tokenizer = processor.tokenizer
+    for row, ids, labels, mask in zip(ROWS, batch["input_ids"], batch["labels"], batch["attention_mask"], strict=True):
+        learned = ids[labels != -100]
+        assert tokenizer.decode(learned) == row["answer"] + "<|end|>"
+        assert (labels[mask == 0] == -100).all()  # padding
+        assert (labels[ids == processor.image_token_id] == -100).all()  # image tokens
+    # Position ids count real tokens only, like generate() with left padding.
+    first_real = batch["attention_mask"][0].argmax()
+    assert batch["position_ids"][0, first_real] == 0
+    out = model(**batch)
+    assert torch.isfinite(out.loss) and out.aux_loss is not None
+
+
+def test_generation_prompts_end_with_the_assistant_turn():
+    processor, _ = make_processor_and_model()
+    prompts = VLMDataCollator(processor).prompts(ROWS)
+    text = processor.tokenizer.decode(prompts["input_ids"][0][prompts["attention_mask"][0].bool()])
+    assert text.endswith("What colour?<|end|>\n<|assistant|>\n")
+    assert "red" not in text
+
+
+@pytest.mark.parametrize("stage,trains,frozen", [
+    ("projector", ["multi_modal_projector.linear_1.weight"], ["text_moe.router.weight", "embed_tokens.weight"]),
+    ("moe", ["text_moe.router.weight", "image_moe.experts.gate_up_proj"], ["self_attn.q_proj.weight",
+                                                                           "multi_modal_projector.linear_1.weight"]),
+    ("dense", ["self_attn.q_proj.weight", "embed_tokens.weight"], ["text_moe.experts.down_proj"]),
+    ("full", ["self_attn.q_proj.weight", "text_moe.router.weight", "vision_tower"], []),
+])
+def test_training_stages_choose_what_trains(stage, trains, frozen):
+    _, model = make_processor_and_model()
+    counts = apply_training_stage(model, stage)
+    assert 0 < counts["trainable"] <= counts["total"]
+    params = dict(model.named_parameters())
+    for fragment in trains:
+        assert any(p.requires_grad for n, p in params.items() if fragment in n), fragment
+    for fragment in frozen:
+        assert not any(p.requires_grad for n, p in params.items() if fragment in n), fragment
+
+
+def test_freezing_the_vision_tower_and_bad_stage():
+    _, model = make_processor_and_model()
+    apply_training_stage(model, "full", freeze_vision_tower=True)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "vision_tower" in n)
+    with pytest.raises(ValueError, match="Unknown training stage 'experts'"):
+        apply_training_stage(model, "experts")
+
+
+def test_routing_health_figures():
+    stats = {"text/tokens_per_expert": torch.tensor([[5.0, 5.0, 5.0, 5.0], [20.0, 0.0, 0.0, 0.0]]),
+             "text/expert_load": torch.tensor([[0.25] * 4, [1.0, 0.0, 0.0, 0.0]]),
+             "text/experts_per_token": torch.tensor(1.5)}
+    health = routing_health(stats)
+    assert health["routing/text/dead_experts"] == 3
+    assert health["routing/text/experts_per_token"] == 1.5
+    assert health["routing/text/load_entropy"] == pytest.approx(0.5, abs=1e-4)  # mean of 1 (uniform) and 0
+    assert health["routing/text/max_expert_load"] == 1.0
+
+
+def test_expert_load_plot_is_a_png(tmp_path):
+    path = plot_expert_load({"text": torch.tensor([[3, 1, 0, 4]]), "image": torch.tensor([[2, 2]])},
+                            tmp_path / "load.png", ["layer 1"])
+    image = PIL.Image.open(path)
+    assert image.format == "PNG" and image.width > 100
+    with pytest.raises(ValueError, match="No expert load"):
+        plot_expert_load({}, tmp_path / "none.png")
+
+
+def test_exact_match_and_presets():
+    assert exact_match(["Red ", "two"], ["red", "three"]) == 0.5
+    config = preset_config("tiny", router_type="relu")
+    assert config.text_config.router_type == "relu" and config.image_seq_length > 0
+    with pytest.raises(ValueError, match="Unknown preset 'huge'"):
+        preset_config("huge")
+
+
+def test_train_arguments_have_main_job_defaults():
+    model_args, data_args, training_args = parse_train_args([])
+    assert model_args.preset == "tiny" and data_args.dataset == "synthetic"
+    assert training_args.per_device_train_batch_size == 32 and training_args.remove_unused_columns is False
+
+
+@pytest.mark.slow
+def test_short_training_run_end_to_end(tmp_path, capsys):
+    output = tmp_path / "run"
+    code = main(["train", "--output_dir", str(output), "--max_steps", "6", "--num_train_examples", "64",
+                 "--num_validation_examples", "8", "--num_test_examples", "10", "--logging_steps", "2",
+                 "--save_steps", "3", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8",
+                 "--max_new_tokens", "4", "--router_type", "top_p", "--use_cpu", "true"])
+    assert code == 0
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert 0.0 <= metrics["test_exact_match"] <= 1.0 and "validation_loss" in metrics
+    assert "validation_exact_match" in metrics
+    for name in ("model.safetensors", "config.json", "processor_config.json", "tokenizer.json", "expert_load.png"):
+        assert (output / name).exists(), name
+    assert (output / "checkpoint-6").is_dir()
+    printed = capsys.readouterr().out
+    assert "Test questions:" in printed and "Q: " in printed and "A: " in printed
