@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from transformers import HfArgumentParser, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
 
 from .synthetic_shapes import QUESTION_TYPES
 from .training import TRAINING_STAGES
@@ -32,7 +33,12 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    dataset: str = field(default="synthetic", metadata={"help": "`synthetic` (the embedded shapes set)."})
+    dataset: str = field(default="synthetic", metadata={
+        "help": "`synthetic` (the embedded shapes set), a `save_to_disk` folder, an imagefolder directory with "
+                "metadata.jsonl, or a .json/.jsonl file of rows with an image path (LLaVA conversations too)."})
+    image_column: str = field(default="image", metadata={"help": "Image column (or image path field)."})
+    question_column: str = field(default="question", metadata={"help": "Question / prompt column."})
+    answer_column: str = field(default="answer", metadata={"help": "Answer / target column."})
     num_train_examples: int = field(default=40000, metadata={"help": "Synthetic training examples."})
     num_validation_examples: int = field(default=200, metadata={"help": "Synthetic validation examples."})
     num_test_examples: int = field(default=300, metadata={"help": "Synthetic test examples."})
@@ -75,6 +81,7 @@ def parse_train_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, Tr
 def train(argv: list[str]) -> dict[str, float]:
     """Run `sparsemoe-vlm train`; returns the final metrics."""
     from . import SparseMoEVLMForConditionalGeneration, SparseMoEVLMProcessor, build_processor
+    from .data import load_vlm_dataset
     from .metrics import load_metric
     from .synthetic_shapes import make_synthetic_dataset
     from .training import (
@@ -91,12 +98,14 @@ def train(argv: list[str]) -> dict[str, float]:
     started = time.time()
     output_dir = Path(training_args.output_dir)
 
-    if data_args.dataset != "synthetic":
-        raise ValueError(f"Unknown dataset {data_args.dataset!r}: this version trains on `synthetic`.")
     question_types = tuple(t.strip() for t in data_args.question_types.split(",") if t.strip())
-    dataset = make_synthetic_dataset(data_args.num_train_examples, data_args.num_validation_examples,
-                                     data_args.num_test_examples, seed=data_args.synthetic_seed,
-                                     image_size=data_args.image_size, question_types=question_types)
+    if data_args.dataset == "synthetic":
+        dataset = make_synthetic_dataset(data_args.num_train_examples, data_args.num_validation_examples,
+                                         data_args.num_test_examples, seed=data_args.synthetic_seed,
+                                         image_size=data_args.image_size, question_types=question_types)
+    else:
+        dataset = load_vlm_dataset(data_args.dataset, data_args.image_column, data_args.question_column,
+                                   data_args.answer_column, seed=training_args.seed)
 
     if model_args.model_name_or_path:
         processor = SparseMoEVLMProcessor.from_pretrained(model_args.model_name_or_path)
@@ -115,7 +124,11 @@ def train(argv: list[str]) -> dict[str, float]:
             config = preset_config(model_args.preset, **overrides, intermediate_size=active_width,
                                    mlp_layer_types=["dense"] * text.num_hidden_layers)
         train_split = dataset["train"]
-        texts = list(train_split["question"]) + list(train_split["answer"]) + list(train_split["caption"])
+        texts = [text for column in ("question", "answer", "caption") if column in train_split.column_names
+                 for text in train_split[column]]
+        if "messages" in train_split.column_names:
+            texts += [item["text"] for messages in train_split["messages"] for m in messages
+                      for item in m["content"] if item["type"] == "text" and item.get("text")]
         processor = build_processor(config, texts)
         model = SparseMoEVLMForConditionalGeneration(config)
     counts = apply_training_stage(model, model_args.training_stage, model_args.freeze_vision_tower)
@@ -128,19 +141,28 @@ def train(argv: list[str]) -> dict[str, float]:
         data_collator=collator, processing_class=processor, generation_collator=collator,
         generation_max_new_tokens=data_args.max_new_tokens,
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    resume = training_args.resume_from_checkpoint
+    if resume is not None and resume.lower() in ("last", "true"):
+        resume = get_last_checkpoint(str(output_dir))
+        if resume is None:
+            raise ValueError(f"--resume_from_checkpoint {training_args.resume_from_checkpoint}: no checkpoint in "
+                             f"{output_dir}.")
+    trainer.train(resume_from_checkpoint=resume)
 
-    metrics = {f"validation_{k.removeprefix('eval_')}": v for k, v in trainer.evaluate().items()}
+    metrics = {}
+    if len(dataset["validation"]):
+        metrics.update({f"validation_{k.removeprefix('eval_')}": v for k, v in trainer.evaluate().items()})
     test = dataset["test"]
     predictions = generate_answers(model, collator, test, batch_size=training_args.per_device_eval_batch_size,
                                    max_new_tokens=data_args.max_new_tokens)
-    references = list(test["answer"])
-    kinds = [QUESTION_TYPES[k] for k in test["question_type"]]
+    references = [collator.reference(row) for row in test]
+    kinds = [QUESTION_TYPES[k] for k in test["question_type"]] if "question_type" in test.column_names \
+        else ["answer"] * len(test)
     exact_match = load_metric("vqa_exact_match")
     short = [i for i, kind in enumerate(kinds) if kind != "caption"]
     metrics["test_exact_match"] = exact_match.compute(predictions=[predictions[i] for i in short],
                                                       references=[references[i] for i in short])["exact_match"]
-    for kind in question_types:
+    for kind in sorted(set(kinds) - {"answer"}):
         rows = [i for i, k in enumerate(kinds) if k == kind]
         metrics[f"test_exact_match_{kind}"] = exact_match.compute(
             predictions=[predictions[i] for i in rows], references=[references[i] for i in rows])["exact_match"]
@@ -157,7 +179,9 @@ def train(argv: list[str]) -> dict[str, float]:
             {"model": asdict(model_args), "data": asdict(data_args)}, indent=2))
         print("\nTest questions:")
         for i in range(min(data_args.num_demo_answers, len(test))):
-            print(f"  Q: {test[i]['question']}\n  A: {predictions[i]}   (reference: {references[i]})")
+            question = test[i]["question"] if "question" in test.column_names else \
+                collator.conversation(test[i], with_answer=False)[-1]["content"][-1].get("text", "")
+            print(f"  Q: {question}\n  A: {predictions[i]}   (reference: {references[i]})")
         print("\nMetrics: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
         print(f"Saved model, processor and routing plot to {output_dir}")
     return metrics

@@ -92,11 +92,27 @@ class VLMDataCollator:
         self.answer_column = answer_column
 
     def conversation(self, row: dict, with_answer: bool = True) -> list[dict]:
+        """The row as chat messages; without the answer it ends before the last assistant turn."""
+        if row.get("messages"):  # a conversation (e.g. LLaVA): its image items get the row's image
+            messages = [{"role": m["role"], "content": [
+                {**item, "image": row[self.image_column]} if item["type"] == "image" else item
+                for item in m["content"]]} for m in row["messages"]]
+            if not with_answer:
+                last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+                messages = messages[:last]
+            return messages
         messages = [{"role": "user", "content": [{"type": "image", "image": row[self.image_column]},
                                                  {"type": "text", "text": row[self.question_column]}]}]
         if with_answer:
             messages.append({"role": "assistant", "content": [{"type": "text", "text": row[self.answer_column]}]})
         return messages
+
+    def reference(self, row: dict) -> str:
+        """The answer generation is compared with: the answer column, or the last assistant turn."""
+        if row.get("messages"):
+            last = [m for m in row["messages"] if m["role"] == "assistant"][-1]
+            return "".join(item.get("text") or "" for item in last["content"] if item["type"] == "text")
+        return row[self.answer_column]
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         batch = self.processor.apply_chat_template(
@@ -202,7 +218,7 @@ class SparseMoEVLMTrainer(Trainer):
             predictions = generate_answers(self.model, self.generation_collator, dataset,
                                            batch_size=self.args.per_device_eval_batch_size,
                                            max_new_tokens=self.generation_max_new_tokens)
-            references = [row[self.generation_collator.answer_column] for row in dataset]
+            references = [self.generation_collator.reference(row) for row in dataset]
             extra = {f"{metric_key_prefix}_exact_match": exact_match(predictions, references)}
             self.log(extra)
             metrics.update(extra)

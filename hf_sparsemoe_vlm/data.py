@@ -1,0 +1,134 @@
+# Copyright 2026 The hf_sparsemoe_vlm authors.
+# Licensed under the Apache License, Version 2.0.
+"""Training data for `sparsemoe-vlm train`: the synthetic default, or any image + text dataset on disk (a
+`save_to_disk` folder, an `imagefolder` with `metadata.jsonl`, JSON / JSONL files with image paths, LLaVA-style
+conversation JSON). Every source becomes rows of `image`, `question`, `answer` and, for conversations, `messages`."""
+
+import json
+import os
+from pathlib import Path
+
+from datasets import Dataset, DatasetDict, Image, load_dataset, load_from_disk
+
+
+LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def _llava_messages(record: dict, index: int, source: str) -> list[dict]:
+    """LLaVA `conversations` -> chat messages; the `<image>` placeholder becomes an image item."""
+    conversations = record.get("conversations")
+    if not isinstance(conversations, list) or not conversations:
+        raise ValueError(f"Row {index} of {source}: `conversations` must be a non-empty list of turns.")
+    messages = []
+    for turn in conversations:
+        role = LLAVA_ROLES.get(str(turn.get("from", "")).lower())
+        if role is None or not isinstance(turn.get("value"), str):
+            raise ValueError(f"Row {index} of {source}: each turn needs `from` (one of {sorted(LLAVA_ROLES)}) and a "
+                             f"string `value`; got {turn!r}.")
+        text = turn["value"]
+        if role == "user" and "<image>" in text:
+            before, _, after = text.partition("<image>")
+            content = [{"type": "text", "text": before.strip()}] if before.strip() else []
+            content += [{"type": "image"}, {"type": "text", "text": after.strip()}]
+        else:
+            content = [{"type": "text", "text": text}]
+        messages.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError(f"Row {index} of {source}: the conversation has no assistant (gpt) turn, so there is nothing "
+                         "to learn from it. Remove the row or add the answer.")
+    return messages
+
+
+def _resolve(path: str, base: Path, index: int, source: str) -> str:
+    resolved = Path(path) if os.path.isabs(path) else base / path
+    if not resolved.is_file():
+        raise ValueError(f"Row {index} of {source}: image file not found: {str(resolved)!r}.")
+    return str(resolved)
+
+
+def _from_json(path: Path, image_column: str) -> Dataset:
+    """JSON / JSONL rows with an image path; LLaVA conversation files are recognised by `conversations`."""
+    text = path.read_text()
+    records = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" \
+        else json.loads(text)
+    if isinstance(records, dict):
+        records = records.get("data", [records])
+    if not isinstance(records, list) or not records:
+        raise ValueError(f"{path}: expected a JSON list of rows (or JSONL, one row per line).")
+    rows = []
+    for index, record in enumerate(records):
+        if image_column not in record:
+            raise ValueError(f"Row {index} of {path}: no `{image_column}` field (fields: {sorted(record)}). "
+                             "Pass --image_column to name the image path field.")
+        row = dict(record)
+        row[image_column] = _resolve(str(record[image_column]), path.parent, index, str(path))
+        if "conversations" in record:
+            row = {image_column: row[image_column], "messages": _llava_messages(record, index, str(path))}
+        rows.append(row)
+    columns = {key: [row.get(key) for row in rows] for key in rows[0]}
+    return Dataset.from_dict(columns).cast_column(image_column, Image())
+
+
+def _split(dataset: Dataset, seed: int, validation_fraction: float, test_fraction: float) -> DatasetDict:
+    """Carve validation and test rows out of `dataset` (at least one each when asked, if the data allows)."""
+    n = len(dataset)
+    n_validation = max(1, round(n * validation_fraction)) if validation_fraction > 0 and n >= 3 else 0
+    n_test = max(1, round(n * test_fraction)) if test_fraction > 0 and n - n_validation >= 2 else 0
+    order = dataset.shuffle(seed=seed)
+    return DatasetDict({"train": order.select(range(n_validation + n_test, n)),
+                        "validation": order.select(range(n_validation)),
+                        "test": order.select(range(n_validation, n_validation + n_test))})
+
+
+def _standardise(split: Dataset, source: str, name: str, image_column: str, question_column: str,
+                 answer_column: str) -> Dataset:
+    """Check the columns and texts of one split (errors name the row) and rename them to image/question/answer."""
+    columns = set(split.column_names)
+    required = [image_column] + ([] if "messages" in columns else [question_column, answer_column])
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise ValueError(f"{source} ({name} split): missing column(s) {missing}; columns are {sorted(columns)}. "
+                         "Name them with --image_column / --question_column / --answer_column.")
+    renames = {image_column: "image", question_column: "question", answer_column: "answer"}
+    split = split.rename_columns({old: new for old, new in renames.items() if old in columns and old != new})
+    for column in ("question", "answer"):
+        if column in split.column_names:
+            empty = [i for i, value in enumerate(split[column]) if not isinstance(value, str) or not value.strip()]
+            if empty:
+                raise ValueError(f"Row {empty[0]} of {source} ({name} split): empty or non-text `{column}`.")
+    return split
+
+
+def load_vlm_dataset(source: str, image_column: str = "image", question_column: str = "question",
+                     answer_column: str = "answer", seed: int = 0, validation_fraction: float = 0.05,
+                     test_fraction: float = 0.05) -> DatasetDict:
+    """Load `source` (a `save_to_disk` folder, an imagefolder directory, a .json/.jsonl file) as train /
+    validation / test splits with columns `image`, `question`, `answer` (and `messages` for conversations).
+    Missing splits are carved from train. A missing column, image or assistant turn raises a `ValueError` naming the
+    row; nothing is skipped silently."""
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"Dataset not found: {source!r} (expected `synthetic`, a folder or a .json/.jsonl file).")
+    if path.is_file():
+        if path.suffix not in (".json", ".jsonl"):
+            raise ValueError(f"{source}: unsupported file type {path.suffix!r}; use .json or .jsonl.")
+        loaded = _from_json(path, image_column)
+    elif (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
+        loaded = load_from_disk(str(path))
+    else:
+        loaded = load_dataset("imagefolder", data_dir=str(path))
+    splits = loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
+    if "train" not in splits:
+        raise ValueError(f"{source}: no `train` split (splits: {sorted(splits)}).")
+    splits = DatasetDict({name: _standardise(split, source, name, image_column, question_column, answer_column)
+                          for name, split in splits.items()})
+    if "validation" not in splits or "test" not in splits:
+        carved = _split(splits["train"], seed, validation_fraction if "validation" not in splits else 0.0,
+                        test_fraction if "test" not in splits else 0.0)
+        splits = DatasetDict({"train": carved["train"],
+                              "validation": splits["validation"] if "validation" in splits else carved["validation"],
+                              "test": splits["test"] if "test" in splits else carved["test"]})
+    return DatasetDict({name: splits[name] for name in ("train", "validation", "test")})
+
+
+__all__ = ["load_vlm_dataset"]
