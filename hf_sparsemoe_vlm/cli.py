@@ -175,6 +175,7 @@ def train(argv: list[str]) -> dict[str, float]:
             plot_expert_load(trainer.expert_load, output_dir / "expert_load.png",
                              [f"layer {i}" for i in model.config.text_config.sparse_layer_indices])
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (output_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
         (output_dir / "run_args.json").write_text(json.dumps(
             {"model": asdict(model_args), "data": asdict(data_args)}, indent=2))
         print("\nTest questions:")
