@@ -162,6 +162,14 @@ def train(argv: list[str]) -> dict[str, float]:
     short = [i for i, kind in enumerate(kinds) if kind != "caption"]
     metrics["test_exact_match"] = exact_match.compute(predictions=[predictions[i] for i in short],
                                                       references=[references[i] for i in short])["exact_match"]
+    captions = [i for i, kind in enumerate(kinds) if kind == "caption"]
+    if captions:
+        caption_predictions = [predictions[i] for i in captions]
+        caption_references = [references[i] for i in captions]
+        metrics["test_caption_bleu"] = load_metric("caption_bleu").compute(
+            predictions=caption_predictions, references=caption_references)["bleu"]
+        rouge = load_metric("caption_rouge").compute(predictions=caption_predictions, references=caption_references)
+        metrics.update({f"test_caption_{name}": value for name, value in rouge.items()})
     for kind in sorted(set(kinds) - {"answer"}):
         rows = [i for i, k in enumerate(kinds) if k == kind]
         metrics[f"test_exact_match_{kind}"] = exact_match.compute(

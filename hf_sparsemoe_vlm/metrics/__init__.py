@@ -7,7 +7,8 @@ METRICS_DIR = Path(__file__).parent
 
 
 def load_metric(name: str):
-    """Load one of the package's `evaluate` metrics (`"vqa_exact_match"`) from its file, without the Hub."""
+    """Load one of the package's `evaluate` metrics (`"vqa_exact_match"`, `"caption_bleu"`, `"caption_rouge"`)
+    from its file, without the Hub."""
     import evaluate
 
     path = METRICS_DIR / f"{name}.py"
