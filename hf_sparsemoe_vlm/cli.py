@@ -78,19 +78,80 @@ def parse_train_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, Tr
     return parser.parse_args_into_dataclasses(args=argv)
 
 
+def _load_data(data_args: DataArguments, seed: int):
+    from .data import load_vlm_dataset
+    from .synthetic_shapes import make_synthetic_dataset
+
+    if data_args.dataset == "synthetic":
+        question_types = tuple(t.strip() for t in data_args.question_types.split(",") if t.strip())
+        return make_synthetic_dataset(data_args.num_train_examples, data_args.num_validation_examples,
+                                      data_args.num_test_examples, seed=data_args.synthetic_seed,
+                                      image_size=data_args.image_size, question_types=question_types)
+    return load_vlm_dataset(data_args.dataset, data_args.image_column, data_args.question_column,
+                            data_args.answer_column, seed=seed)
+
+
+def _build_model_and_processor(model_args: ModelArguments, train_split):
+    """Load a checkpoint, or build the preset (optionally as its dense baseline) with a tokenizer trained on the
+    training texts."""
+    from . import SparseMoEVLMForConditionalGeneration, SparseMoEVLMProcessor, build_processor
+    from .training import preset_config
+
+    if model_args.model_name_or_path:
+        return (SparseMoEVLMForConditionalGeneration.from_pretrained(model_args.model_name_or_path),
+                SparseMoEVLMProcessor.from_pretrained(model_args.model_name_or_path))
+    overrides = {"router_type": model_args.router_type} if model_args.router_type else {}
+    config = preset_config(model_args.preset, **overrides)
+    if model_args.dense_baseline:
+        # Same active parameters per token: each sparse layer becomes one MLP as wide as the experts a token uses
+        # (top-k routed + shared).
+        text = config.text_config
+        active_width = (text.num_experts_per_tok + text.num_shared_experts) * text.moe_intermediate_size
+        if "dense" in text.mlp_layer_types and text.intermediate_size != active_width:
+            raise ValueError(f"--dense_baseline needs the preset's dense layers to be as wide as a sparse layer's "
+                             f"active experts ({active_width}); got intermediate_size={text.intermediate_size}.")
+        config = preset_config(model_args.preset, **overrides, intermediate_size=active_width,
+                               mlp_layer_types=["dense"] * text.num_hidden_layers)
+    texts = [text for column in ("question", "answer", "caption") if column in train_split.column_names
+             for text in train_split[column]]
+    if "messages" in train_split.column_names:
+        texts += [item["text"] for messages in train_split["messages"] for m in messages
+                  for item in m["content"] if item["type"] == "text" and item.get("text")]
+    processor = build_processor(config, texts)
+    return SparseMoEVLMForConditionalGeneration(config), processor
+
+
+def _test_metrics(predictions: list[str], references: list[str], kinds: list[str]) -> dict[str, float]:
+    """Exact match on short answers (overall and per question type), BLEU / ROUGE on captions."""
+    from .metrics import load_metric
+
+    exact_match = load_metric("vqa_exact_match")
+
+    def exact(rows):
+        return exact_match.compute(predictions=[predictions[i] for i in rows],
+                                   references=[references[i] for i in rows])["exact_match"]
+
+    metrics = {"test_exact_match": exact([i for i, kind in enumerate(kinds) if kind != "caption"])}
+    captions = [i for i, kind in enumerate(kinds) if kind == "caption"]
+    if captions:
+        caption_predictions, caption_references = [predictions[i] for i in captions], [references[i] for i in captions]
+        metrics["test_caption_bleu"] = load_metric("caption_bleu").compute(
+            predictions=caption_predictions, references=caption_references)["bleu"]
+        rouge = load_metric("caption_rouge").compute(predictions=caption_predictions, references=caption_references)
+        metrics.update({f"test_caption_{name}": value for name, value in rouge.items()})
+    for kind in sorted(set(kinds) - {"answer"}):
+        metrics[f"test_exact_match_{kind}"] = exact([i for i, k in enumerate(kinds) if k == kind])
+    return metrics
+
+
 def train(argv: list[str]) -> dict[str, float]:
     """Run `sparsemoe-vlm train`; returns the final metrics."""
-    from . import SparseMoEVLMForConditionalGeneration, SparseMoEVLMProcessor, build_processor
-    from .data import load_vlm_dataset
-    from .metrics import load_metric
-    from .synthetic_shapes import make_synthetic_dataset
     from .training import (
         SparseMoEVLMTrainer,
         VLMDataCollator,
         apply_training_stage,
         generate_answers,
         plot_expert_load,
-        preset_config,
     )
 
     model_args, data_args, training_args = parse_train_args(argv)
@@ -98,39 +159,8 @@ def train(argv: list[str]) -> dict[str, float]:
     started = time.time()
     output_dir = Path(training_args.output_dir)
 
-    question_types = tuple(t.strip() for t in data_args.question_types.split(",") if t.strip())
-    if data_args.dataset == "synthetic":
-        dataset = make_synthetic_dataset(data_args.num_train_examples, data_args.num_validation_examples,
-                                         data_args.num_test_examples, seed=data_args.synthetic_seed,
-                                         image_size=data_args.image_size, question_types=question_types)
-    else:
-        dataset = load_vlm_dataset(data_args.dataset, data_args.image_column, data_args.question_column,
-                                   data_args.answer_column, seed=training_args.seed)
-
-    if model_args.model_name_or_path:
-        processor = SparseMoEVLMProcessor.from_pretrained(model_args.model_name_or_path)
-        model = SparseMoEVLMForConditionalGeneration.from_pretrained(model_args.model_name_or_path)
-    else:
-        overrides = {"router_type": model_args.router_type} if model_args.router_type else {}
-        config = preset_config(model_args.preset, **overrides)
-        if model_args.dense_baseline:
-            # Same active parameters per token: each sparse layer becomes one MLP as wide as the experts a token
-            # uses (top-k routed + shared).
-            text = config.text_config
-            active_width = (text.num_experts_per_tok + text.num_shared_experts) * text.moe_intermediate_size
-            if "dense" in text.mlp_layer_types and text.intermediate_size != active_width:
-                raise ValueError(f"--dense_baseline needs the preset's dense layers to be as wide as a sparse layer's "
-                                 f"active experts ({active_width}); got intermediate_size={text.intermediate_size}.")
-            config = preset_config(model_args.preset, **overrides, intermediate_size=active_width,
-                                   mlp_layer_types=["dense"] * text.num_hidden_layers)
-        train_split = dataset["train"]
-        texts = [text for column in ("question", "answer", "caption") if column in train_split.column_names
-                 for text in train_split[column]]
-        if "messages" in train_split.column_names:
-            texts += [item["text"] for messages in train_split["messages"] for m in messages
-                      for item in m["content"] if item["type"] == "text" and item.get("text")]
-        processor = build_processor(config, texts)
-        model = SparseMoEVLMForConditionalGeneration(config)
+    dataset = _load_data(data_args, training_args.seed)
+    model, processor = _build_model_and_processor(model_args, dataset["train"])
     counts = apply_training_stage(model, model_args.training_stage, model_args.freeze_vision_tower)
     print(f"model: {counts['total']:,} parameters, {counts['trainable']:,} trainable "
           f"(stage {model_args.training_stage}); router {model.config.text_config.router_type}", flush=True)
@@ -158,22 +188,7 @@ def train(argv: list[str]) -> dict[str, float]:
     references = [collator.reference(row) for row in test]
     kinds = [QUESTION_TYPES[k] for k in test["question_type"]] if "question_type" in test.column_names \
         else ["answer"] * len(test)
-    exact_match = load_metric("vqa_exact_match")
-    short = [i for i, kind in enumerate(kinds) if kind != "caption"]
-    metrics["test_exact_match"] = exact_match.compute(predictions=[predictions[i] for i in short],
-                                                      references=[references[i] for i in short])["exact_match"]
-    captions = [i for i, kind in enumerate(kinds) if kind == "caption"]
-    if captions:
-        caption_predictions = [predictions[i] for i in captions]
-        caption_references = [references[i] for i in captions]
-        metrics["test_caption_bleu"] = load_metric("caption_bleu").compute(
-            predictions=caption_predictions, references=caption_references)["bleu"]
-        rouge = load_metric("caption_rouge").compute(predictions=caption_predictions, references=caption_references)
-        metrics.update({f"test_caption_{name}": value for name, value in rouge.items()})
-    for kind in sorted(set(kinds) - {"answer"}):
-        rows = [i for i, k in enumerate(kinds) if k == kind]
-        metrics[f"test_exact_match_{kind}"] = exact_match.compute(
-            predictions=[predictions[i] for i in rows], references=[references[i] for i in rows])["exact_match"]
+    metrics.update(_test_metrics(predictions, references, kinds))
     metrics["train_minutes"] = round((time.time() - started) / 60, 2)
 
     if trainer.is_world_process_zero():
