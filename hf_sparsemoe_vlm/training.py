@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw
 from transformers import Trainer
 
 from .configuration_sparsemoe_vlm import SparseMoEVLMConfig
+from .metrics import load_metric
 from .processing_sparsemoe_vlm import SparseMoEVLMProcessor
 
 
@@ -148,13 +149,6 @@ def generate_answers(model, collator: VLMDataCollator, rows, batch_size: int = 3
     return answers
 
 
-def exact_match(predictions: list[str], references: list[str]) -> float:
-    """Share of predictions equal to their reference, ignoring case and surrounding whitespace."""
-    if not references:
-        return 0.0
-    return sum(p.strip().lower() == r.strip().lower() for p, r in zip(predictions, references, strict=True)) / len(references)
-
-
 def routing_health(stats: dict[str, torch.Tensor]) -> dict[str, float]:
     """Scalar routing-health figures from `routing_stats`: per group, average experts per token, normalised
     entropy of the expert load (1 = perfectly balanced), the busiest expert's load share and the number of
@@ -219,7 +213,8 @@ class SparseMoEVLMTrainer(Trainer):
                                            batch_size=self.args.per_device_eval_batch_size,
                                            max_new_tokens=self.generation_max_new_tokens)
             references = [self.generation_collator.reference(row) for row in dataset]
-            extra = {f"{metric_key_prefix}_exact_match": exact_match(predictions, references)}
+            score = load_metric("vqa_exact_match").compute(predictions=predictions, references=references)
+            extra = {f"{metric_key_prefix}_exact_match": score["exact_match"]}
             self.log(extra)
             metrics.update(extra)
         return metrics
