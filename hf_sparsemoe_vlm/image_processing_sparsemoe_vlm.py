@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
+import torch
 from transformers.image_processing_backends import PilBackend
 from transformers.image_utils import (
     IMAGENET_DEFAULT_MEAN,
@@ -164,7 +165,7 @@ class SparseMoEVLMImageProcessor(PilBackend):
             return [self.fetch_images(item) for item in image_url_or_urls]
         if isinstance(image_url_or_urls, (str, os.PathLike)):
             return load_image_file(os.fspath(image_url_or_urls))
-        if isinstance(image_url_or_urls, (PIL.Image.Image, np.ndarray)) or type(image_url_or_urls).__name__ == "Tensor":
+        if isinstance(image_url_or_urls, (PIL.Image.Image, np.ndarray, torch.Tensor)):
             if getattr(image_url_or_urls, "ndim", 3) == 2:  # one grayscale (H, W) image: give it a channel axis
                 return image_url_or_urls[..., None]
             return image_url_or_urls
@@ -182,8 +183,8 @@ class SparseMoEVLMImageProcessor(PilBackend):
             if image.width == 0 or image.height == 0:
                 raise ValueError(f"image has zero size: {image.size}")
             rgb = _pil_to_rgb(image)
-        elif isinstance(image, np.ndarray) or type(image).__name__ == "Tensor":
-            array = image.detach().cpu().numpy() if type(image).__name__ == "Tensor" else image
+        elif isinstance(image, (np.ndarray, torch.Tensor)):
+            array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else image
             rgb = _array_to_rgb(array, input_data_format)
         else:
             raise TypeError(f"expected {ACCEPTED_IMAGE_TYPES}, got {_describe(image)}")

@@ -20,6 +20,8 @@ SPECIAL_TOKENS = {
     "unk_token": "<unk>",
 }
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
+# `build_tokenizer` gives these ids 0, 1, 2, ... in this order.
+BUILT_TOKENIZER_SPECIAL_TOKENS = [*SPECIAL_TOKENS.values(), IMAGE_TOKEN, *ROLE_TOKENS]
 
 # Turns are `<|role|>\n...<|end|>\n`; assistant turns (their end token included) are wrapped in
 # {% generation %} so `return_assistant_tokens_mask=True` marks exactly what a model should learn to produce.
@@ -56,7 +58,7 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    specials = list(SPECIAL_TOKENS.values()) + [IMAGE_TOKEN] + ROLE_TOKENS
+    specials = BUILT_TOKENIZER_SPECIAL_TOKENS
     if vocab_size < len(specials) + 256:
         raise ValueError(f"`vocab_size` ({vocab_size}) must be at least {len(specials) + 256}: "
                          f"{len(specials)} special tokens + 256 byte tokens.")
@@ -120,8 +122,7 @@ class SparseMoEVLMProcessor(ProcessorMixin):
         if chat_template is None:
             chat_template = CHAT_TEMPLATE
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
-        if getattr(self.tokenizer, "padding_side", "left") != "left":
-            self.tokenizer.padding_side = "left"
+        self.tokenizer.padding_side = "left"
 
     @classmethod
     def from_model_config(cls, config, tokenizer: PreTrainedTokenizerBase, **kwargs) -> "SparseMoEVLMProcessor":

@@ -14,7 +14,7 @@ from transformers import Trainer
 
 from .configuration_sparsemoe_vlm import SparseMoEVLMConfig
 from .metrics import load_metric
-from .processing_sparsemoe_vlm import SparseMoEVLMProcessor
+from .processing_sparsemoe_vlm import BUILT_TOKENIZER_SPECIAL_TOKENS, IMAGE_TOKEN, SparseMoEVLMProcessor
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -28,7 +28,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                         "num_experts": 4, "num_image_experts": 4, "num_shared_experts": 0, "num_experts_per_tok": 2,
                         "mlp_layer_types": ["dense", "sparse", "dense", "sparse"], "max_position_embeddings": 256,
                         "router_aux_loss_coef": 0.01, "router_z_loss_coef": 0.001},
-        "image_token_id": 4,  # the id `build_tokenizer` gives `<image>`
+        "image_token_id": BUILT_TOKENIZER_SPECIAL_TOKENS.index(IMAGE_TOKEN),  # the id `build_tokenizer` gives it
     },
 }
 
