@@ -144,8 +144,19 @@ def _test_metrics(predictions: list[str], references: list[str], kinds: list[str
     return metrics
 
 
+def _training_settings(training_args: TrainingArguments) -> dict:
+    """The Trainer settings a model card reports."""
+    keys = ("max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
+            "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "seed")
+    settings = {key: getattr(training_args, key) for key in keys}
+    settings["world_size"] = training_args.world_size
+    settings["precision"] = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32"
+    return settings
+
+
 def train(argv: list[str]) -> dict[str, float]:
     """Run `sparsemoe-vlm train`; returns the final metrics."""
+    from .model_card import write_model_card
     from .training import (
         SparseMoEVLMTrainer,
         VLMDataCollator,
@@ -200,14 +211,16 @@ def train(argv: list[str]) -> dict[str, float]:
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (output_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
         (output_dir / "run_args.json").write_text(json.dumps(
-            {"model": asdict(model_args), "data": asdict(data_args)}, indent=2))
+            {"model": asdict(model_args), "data": asdict(data_args), "training": _training_settings(training_args)},
+            indent=2))
+        write_model_card(model, output_dir, model_id=training_args.hub_model_id or output_dir.resolve().name)
         print("\nTest questions:")
         for i in range(min(data_args.num_demo_answers, len(test))):
             question = test[i]["question"] if "question" in test.column_names else \
                 collator.conversation(test[i], with_answer=False)[-1]["content"][-1].get("text", "")
             print(f"  Q: {question}\n  A: {predictions[i]}   (reference: {references[i]})")
         print("\nMetrics: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
-        print(f"Saved model, processor and routing plot to {output_dir}")
+        print(f"Saved model, processor, model card (README.md) and routing plot to {output_dir}")
     return metrics
 
 

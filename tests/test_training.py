@@ -3,7 +3,9 @@ import json
 import PIL.Image
 import pytest
 import torch
+from huggingface_hub import ModelCard
 
+from hf_sparsemoe_vlm import SparseMoEVLMForConditionalGeneration
 from hf_sparsemoe_vlm.cli import main, parse_train_args
 from hf_sparsemoe_vlm.training import (
     VLMDataCollator,
@@ -122,3 +124,12 @@ def test_short_training_run_end_to_end(tmp_path, capsys):
     assert (output / "checkpoint-6").is_dir()
     printed = capsys.readouterr().out
     assert "Test questions:" in printed and "Q: " in printed and "A: " in printed
+    # The run documents itself: a model card whose metadata and numbers come from this run and model.
+    card = ModelCard.load(output / "README.md")
+    results = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert results["exact_match"] == round(metrics["test_exact_match"], 4)
+    assert card.data.model_name == "run" and card.data.pipeline_tag == "image-text-to-text"
+    model = SparseMoEVLMForConditionalGeneration.from_pretrained(output)
+    assert f"| total | {sum(p.numel() for p in model.parameters()):,} |" in card.text
+    assert "| steps | 6 |" in card.text and "| batch size per device | 8 |" in card.text
+    assert "top-p (p = " in card.text and "(expert_load.png)" in card.text

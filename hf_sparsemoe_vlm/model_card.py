@@ -1,0 +1,288 @@
+# Copyright 2026 The hf_sparsemoe_vlm authors.
+# Licensed under the Apache License, Version 2.0.
+"""Model cards: a Jinja template filled through `huggingface_hub.ModelCard` from a model's config and, when there
+is one, the folder of a `sparsemoe-vlm train` run (`metrics.json`, `run_args.json`, `log_history.json`,
+`expert_load.png`). The training and conversion scripts write the card as `README.md` next to the weights;
+`sparsemoe-vlm push` uploads it."""
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .modeling_sparsemoe_vlm import SparseMoEVLMExpertGroup
+
+
+TEMPLATE_PATH = Path(__file__).with_name("model_card_template.md")
+PROJECT_URL = "https://github.com/hf-sparsemoe-vlm/hf_sparsemoe_vlm"
+HUB_URL = "https://huggingface.co"
+SYNTHETIC_DATASET = ("hf_sparsemoe_vlm/synthetic_shapes", "Synthetic shapes VQA and captions (hf_sparsemoe_vlm)")
+DEFAULT_LIMITATIONS = (
+    "Trained only on the data listed above; answers outside that domain are not meaningful.",
+    "Routing statistics describe the training distribution; other inputs may load the experts differently.",
+    "Like every generative model it can produce fluent but wrong answers; check outputs before relying on them.",
+)
+# Metric name in metrics.json -> (model-index task, metric type, human-readable name).
+_EVAL_METRICS = {
+    "exact_match": ("visual-question-answering", "exact_match", "Exact match (short answers)"),
+    "caption_bleu": ("image-to-text", "bleu", "Caption BLEU"),
+    "caption_rouge1": ("image-to-text", "rouge", "Caption ROUGE-1"),
+    "caption_rouge2": ("image-to-text", "rouge", "Caption ROUGE-2"),
+    "caption_rougeL": ("image-to-text", "rouge", "Caption ROUGE-L"),
+}
+
+
+def _experts_per_token_bound(group: SparseMoEVLMExpertGroup) -> int:
+    router = group.router
+    if router.router_type == "topk":
+        return router.top_k
+    return router.max_experts_per_tok if router.router_type == "top_p" else router.num_experts
+
+
+def parameter_counts(model, experts_per_token: dict[str, float] | None = None) -> dict[str, float]:
+    """Total parameters by part, and the decoder parameters one token uses.
+
+    A token runs through every decoder weight except the routed experts its router did not pick: the active count
+    of a modality group adds `k` experts' worth, where `k` is `num_experts_per_tok` for top-k routing and, for the
+    dynamic routers (top-p, ReLU), the measured average `experts_per_token[group]` when given, else their upper
+    bound. Shared experts count fully.
+    """
+    inner = model.model if hasattr(model, "model") else model
+    counts = {"total": sum(p.numel() for p in model.parameters()),
+              "vision_tower": sum(p.numel() for p in inner.vision_tower.parameters()),
+              "projector": sum(p.numel() for p in inner.multi_modal_projector.parameters())}
+    counts["decoder"] = counts["total"] - counts["vision_tower"] - counts["projector"]
+    routed = {"text": 0, "image": 0}
+    active_experts = {"text": 0.0, "image": 0.0}
+    for module in model.modules():
+        if isinstance(module, SparseMoEVLMExpertGroup):
+            size = sum(p.numel() for p in module.experts.parameters())
+            per_expert = size / module.experts.num_experts
+            k = (experts_per_token or {}).get(module.group, _experts_per_token_bound(module))
+            routed[module.group] += size
+            active_experts[module.group] += k * per_expert
+    counts["routed_experts"] = routed["text"] + routed["image"]
+    non_routed = counts["decoder"] - counts["routed_experts"]
+    counts["active_per_text_token"] = non_routed + active_experts["text"]
+    # Without an image group, image tokens share the text experts.
+    counts["active_per_image_token"] = non_routed + (active_experts["image"] if routed["image"] else
+                                                     active_experts["text"])
+    for key in ("active_per_text_token", "active_per_image_token"):  # whole numbers unless `k` is an average
+        if float(counts[key]).is_integer():
+            counts[key] = int(counts[key])
+    return counts
+
+
+def _human(count: float) -> str:
+    if count >= 1e9:
+        return f"{count / 1e9:.2f} B"
+    if count >= 1e6:
+        return f"{count / 1e6:.2f} M"
+    if count >= 1e3:
+        return f"{count / 1e3:.1f} K"
+    return f"{count:.0f}"
+
+
+def _router_description(text_config) -> str:
+    if text_config.router_type == "topk":
+        return f"top-k softmax, k = {text_config.num_experts_per_tok}"
+    if text_config.router_type == "top_p":
+        bound = text_config.router_max_experts_per_tok or max(text_config.expert_groups.values())
+        return f"top-p (p = {text_config.router_top_p}, at most {bound} experts per token)"
+    return (f"ReLU with L1 (Laplace prior, b = {text_config.router_laplace_b}); target "
+            f"{text_config.router_target_active_experts} active experts per token")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); re-run the training or remove the file.") from None
+
+
+def _last_routing_log(log_history: list[dict]) -> dict[str, float]:
+    for entry in reversed(log_history):
+        routing = {k: v for k, v in entry.items() if k.startswith("routing/")}
+        if routing:
+            return routing
+    return {}
+
+
+def build_model_card(
+    model,
+    model_id: str | None = None,
+    run_dir: str | Path | None = None,
+    *,
+    base_model: str | None = None,
+    conversion: str | None = None,
+    datasets: list[str] | None = None,
+    dataset_name: str | None = None,
+    license: str = "apache-2.0",
+    language: str | None = "en",
+    tags: list[str] | None = None,
+    limitations: list[str] | None = None,
+) -> ModelCard:
+    """The model card of `model` (a `SparseMoEVLMForConditionalGeneration`).
+
+    Args:
+        model_id: the Hub id the usage snippets load (default: the run folder's name, else `sparsemoe-vlm`).
+        run_dir: a `sparsemoe-vlm train` output folder; its metrics, settings, routing statistics and expert-load
+            plot fill the training, evaluation and routing sections and the `model-index` metadata.
+        base_model: the checkpoint this one was converted or upcycled from (YAML `base_model`).
+        conversion: how it was built from `base_model` (one line for the card's text).
+        datasets: Hub dataset ids for the YAML `datasets` field.
+        dataset_name: the evaluation dataset's display name (default: the synthetic shapes set for a synthetic run).
+    """
+    run_dir = Path(run_dir) if run_dir is not None else None
+    metrics, run_args, log_history = {}, {}, []
+    if run_dir is not None:
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"Run folder {run_dir} does not exist; pass the `--output_dir` of a training run.")
+        for name in ("metrics.json", "run_args.json", "log_history.json"):
+            if (run_dir / name).is_file():
+                value = _read_json(run_dir / name)
+                if name == "metrics.json":
+                    metrics = value
+                elif name == "run_args.json":
+                    run_args = value
+                else:
+                    log_history = value
+    model_id = model_id or (run_dir.resolve().name if run_dir is not None else "sparsemoe-vlm")
+    config = model.config
+    text_config = config.text_config
+    data_args = run_args.get("data", {})
+    synthetic = data_args.get("dataset") == "synthetic"
+    dataset_type, default_name = SYNTHETIC_DATASET if synthetic else (data_args.get("dataset", "custom"),
+                                                                        data_args.get("dataset", "custom data"))
+    dataset_name = dataset_name or default_name
+
+    routing_log = _last_routing_log(log_history)
+    groups = list(text_config.expert_groups)
+    measured = {g: routing_log[f"routing/{g}/experts_per_token"] for g in groups
+                if f"routing/{g}/experts_per_token" in routing_log}
+    counts = parameter_counts(model, measured if text_config.router_type != "topk" else None)
+    vision = config.vision_config
+    vision_width = getattr(vision, "hidden_size", None) or getattr(vision, "hidden_sizes", ["?"])[-1]
+    vision_depth = getattr(vision, "num_hidden_layers", None) or sum(getattr(vision, "depths", []) or [0])
+    vision_layers = f"{vision_depth} layer" + ("s" if vision_depth != 1 else "")
+    sparse_layers = text_config.sparse_layer_indices
+    architecture = [
+        ("vision tower", f"{vision.model_type} (width {vision_width}, {vision_layers}), {config.image_size} px "
+                         f"images -> {config.image_seq_length} image tokens"),
+        ("projector", f"2-layer MLP ({config.projector_hidden_act}) -> {text_config.hidden_size}"),
+        ("decoder", f"{text_config.num_hidden_layers} layers, hidden {text_config.hidden_size}, "
+                    f"{text_config.num_attention_heads} heads ({text_config.num_key_value_heads} KV), "
+                    f"vocabulary {text_config.vocab_size}"),
+        ("sparse layers", ", ".join(map(str, sparse_layers)) or "none (dense decoder)"),
+    ]
+    if sparse_layers:
+        architecture += [
+            ("experts per sparse layer", f"{text_config.num_experts} text"
+             + (f" + {text_config.num_image_experts} image" if text_config.num_image_experts else " (shared by image "
+                "and text tokens)") + f" routed, {text_config.num_shared_experts} shared; expert width "
+             f"{text_config.moe_intermediate_size}"),
+            ("router", _router_description(text_config)),
+        ]
+    dynamic = text_config.router_type != "topk"
+    active_note = " (measured average)" if dynamic and measured else " (upper bound)" if dynamic else ""
+    parameters = [("total", f"{counts['total']:,}"), ("vision tower", f"{counts['vision_tower']:,}"),
+                  ("projector", f"{counts['projector']:,}"), ("decoder", f"{counts['decoder']:,}"),
+                  ("routed experts (all groups)", f"{counts['routed_experts']:,}")]
+    if sparse_layers:
+        parameters += [(f"decoder, active per text token{active_note}", f"{round(counts['active_per_text_token']):,}"),
+                       (f"decoder, active per image token{active_note}",
+                        f"{round(counts['active_per_image_token']):,}")]
+
+    training, training_summary = [], ""
+    if run_args:
+        settings = run_args.get("training", {})
+        model_args = run_args.get("model", {})
+        training_summary = (
+            f"Fine-tuned with `sparsemoe-vlm train` (Transformers `Trainer`) on "
+            f"{'the embedded synthetic shapes set' if synthetic else '`' + str(data_args.get('dataset')) + '`'}"
+            + (f" ({data_args.get('num_train_examples'):,} generated training examples at "
+               f"{data_args.get('image_size')} px)" if synthetic else "")
+            + (f", starting from `{model_args['model_name_or_path']}`" if model_args.get("model_name_or_path") else
+               f", from the `{model_args.get('preset')}` preset with a freshly trained tokenizer") + "."
+        )
+        names = {"training_stage": "training stage", "max_steps": "steps", "num_train_epochs": "epochs",
+                 "per_device_train_batch_size":
+                 "batch size per device", "gradient_accumulation_steps": "gradient accumulation", "world_size":
+                 "processes", "learning_rate": "learning rate", "lr_scheduler_type": "schedule", "warmup_steps":
+                 "warmup steps", "weight_decay": "weight decay", "precision": "precision", "seed": "seed"}
+        merged = {**model_args, **settings}
+        # Trainer ignores the epoch count when a number of steps is set.
+        merged.pop("max_steps" if merged.get("max_steps", -1) <= 0 else "num_train_epochs", None)
+        training = [(label, merged[key]) for key, label in names.items() if key in merged]
+        if "train_minutes" in metrics:
+            training.append(("wall time", f"{metrics['train_minutes']} min"))
+
+    evaluation, eval_results = [], []
+    for key, value in metrics.items():
+        if not isinstance(value, int | float) or key == "train_minutes":
+            continue
+        split, _, name = key.partition("_")
+        if split not in ("test", "validation"):
+            continue
+        evaluation.append((name, split, f"{value:.4f}" if isinstance(value, float) else value))
+        if split == "test" and name in _EVAL_METRICS:
+            task, metric_type, metric_name = _EVAL_METRICS[name]
+            eval_results.append(EvalResult(task_type=task, dataset_type=dataset_type, dataset_name=dataset_name,
+                                           dataset_split="test", metric_type=metric_type,
+                                           metric_value=round(float(value), 4), metric_name=metric_name))
+    evaluation_summary = (f"On the held-out splits of {dataset_name}; answers are generated greedily and compared "
+                          f"after lower-casing and stripping punctuation (exact match); captions are scored with "
+                          f"BLEU (sacrebleu) and ROUGE (rouge_score). `exact_match_<type>` breaks the exact match "
+                          f"down by question type.")
+
+    routing = []
+    for group in groups:
+        prefix = f"routing/{group}/"
+        if prefix + "load_entropy" in routing_log:
+            routing.append((group, routing_log.get(prefix + "experts_per_token", "-"),
+                            routing_log[prefix + "load_entropy"], routing_log.get(prefix + "max_expert_load", "-"),
+                            routing_log.get(prefix + "dead_experts", "-")))
+    expert_load_plot = "expert_load.png" if run_dir is not None and (run_dir / "expert_load.png").is_file() else None
+
+    card_data = ModelCardData(
+        library_name="transformers", pipeline_tag="image-text-to-text", license=license, language=language,
+        tags=["moe", "mixture-of-experts", "vision-language", "sparsemoe_vlm", "image-text-to-text", *(tags or [])],
+        base_model=base_model, datasets=datasets, model_name=model_id if eval_results else None,
+        eval_results=eval_results or None,
+    )
+    summary = (f"A {_human(counts['total'])}-parameter sparse Mixture-of-Experts vision-language model "
+               f"({len(sparse_layers)} of {text_config.num_hidden_layers} decoder layers sparse, "
+               f"{_router_description(text_config)}).")
+    if not sparse_layers:
+        decoder_mlps = "dense (this checkpoint has no sparse layer)"
+    elif text_config.num_image_experts:
+        decoder_mlps = "sparse Mixture-of-Experts layers with separate expert groups for image tokens and text tokens"
+    else:
+        decoder_mlps = "sparse Mixture-of-Experts layers with one expert pool for image and text tokens"
+    example_question = "What colour is the circle?" if synthetic or not run_args else "Describe the image."
+    card = ModelCard.from_template(
+        card_data, template_path=str(TEMPLATE_PATH), model_name=model_id.split("/")[-1], model_id=model_id,
+        summary=summary, project_url=PROJECT_URL, hub_url=HUB_URL, base_model=base_model, conversion=conversion,
+        architecture=architecture, parameters=parameters, training=training, training_summary=training_summary,
+        evaluation=evaluation, evaluation_summary=evaluation_summary, routing=routing,
+        expert_load_plot=expert_load_plot, example_question=example_question,
+        limitations=list(limitations or DEFAULT_LIMITATIONS), decoder_mlps=decoder_mlps,
+    )
+    # Optional sections leave runs of blank lines behind; Markdown needs at most one.
+    return ModelCard(re.sub(r"\n{3,}", "\n\n", str(card)))
+
+
+def write_model_card(model, output_dir: str | Path, **kwargs) -> Path:
+    """Write `build_model_card(model, ...)` as `output_dir/README.md` (the file the Hub shows); returns its path.
+    `run_dir` defaults to `output_dir`, so a training folder documents itself."""
+    output_dir = Path(output_dir)
+    kwargs.setdefault("run_dir", output_dir)
+    card = build_model_card(model, **kwargs)
+    path = output_dir / "README.md"
+    card.save(path)
+    return path
+
+
+__all__ = ["build_model_card", "parameter_counts", "write_model_card"]

@@ -1,0 +1,129 @@
+"""Model cards: metadata validated with huggingface_hub, numbers checked against the model."""
+
+import json
+
+import pytest
+from huggingface_hub import ModelCard
+from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
+
+from hf_sparsemoe_vlm.model_card import build_model_card, parameter_counts, write_model_card
+
+from tiny_models import make_model
+
+
+PER_EXPERT = 3 * 32 * 32  # gate, up and down projections of one expert (hidden 32, expert width 32)
+
+
+def fake_run(folder, router_type="topk"):
+    """The files a `sparsemoe-vlm train` run leaves next to the weights."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.json").write_text(json.dumps({
+        "validation_loss": 0.37, "test_exact_match": 0.614, "test_exact_match_shape": 0.316,
+        "test_caption_bleu": 12.5, "test_caption_rougeL": 0.71, "train_minutes": 9.1}))
+    (folder / "run_args.json").write_text(json.dumps({
+        "model": {"model_name_or_path": None, "preset": "tiny", "training_stage": "full"},
+        "data": {"dataset": "synthetic", "num_train_examples": 40000, "image_size": 64},
+        "training": {"max_steps": 3000, "num_train_epochs": 3.0, "per_device_train_batch_size": 32,
+                     "learning_rate": 0.002, "world_size": 1, "precision": "fp32", "seed": 0}}))
+    routing = {"routing/text/experts_per_token": 1.5, "routing/text/load_entropy": 0.97,
+               "routing/text/max_expert_load": 0.31, "routing/text/dead_experts": 0.0,
+               "routing/image/experts_per_token": 1.25, "routing/image/load_entropy": 0.9,
+               "routing/image/max_expert_load": 0.6, "routing/image/dead_experts": 1.0}
+    (folder / "log_history.json").write_text(json.dumps([{"loss": 2.0, "step": 50, **routing}, {"train_loss": 1.0}]))
+    (folder / "expert_load.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    return folder
+
+
+def test_parameter_counts_top_k():
+    model = make_model()  # 2 sparse layers, 4 text + 2 image experts, top-2
+    counts = parameter_counts(model)
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    assert counts["decoder"] == sum(p.numel() for p in model.model.language_model.parameters()) + \
+        model.lm_head.weight.numel()
+    assert counts["routed_experts"] == 2 * (4 + 2) * PER_EXPERT
+    non_routed = counts["decoder"] - counts["routed_experts"]
+    assert counts["active_per_text_token"] == non_routed + 2 * 2 * PER_EXPERT
+    assert counts["active_per_image_token"] == non_routed + 2 * 2 * PER_EXPERT
+
+
+@pytest.mark.parametrize("router_type,bound", [("top_p", (4, 2)), ("relu", (4, 2))])
+def test_parameter_counts_dynamic_routers_bound_or_measured(router_type, bound):
+    model = make_model(router_type=router_type)
+    counts = parameter_counts(model)
+    non_routed = counts["decoder"] - counts["routed_experts"]
+    assert counts["active_per_text_token"] == non_routed + 2 * bound[0] * PER_EXPERT
+    assert counts["active_per_image_token"] == non_routed + 2 * bound[1] * PER_EXPERT
+    measured = parameter_counts(model, {"text": 1.5, "image": 1.25})
+    assert measured["active_per_text_token"] == non_routed + 2 * 1.5 * PER_EXPERT
+    assert measured["active_per_image_token"] == non_routed + 2 * 1.25 * PER_EXPERT
+
+
+def test_one_expert_pool_serves_image_tokens():
+    counts = parameter_counts(make_model(num_image_experts=0))
+    assert counts["active_per_image_token"] == counts["active_per_text_token"]
+
+
+def test_card_metadata_and_numbers_match_the_model_and_run(tmp_path):
+    model = make_model()
+    path = write_model_card(model, fake_run(tmp_path / "run"), model_id="org/tiny-shapes")
+    assert path == tmp_path / "run" / "README.md"
+    card = ModelCard.load(path)  # huggingface_hub parses the YAML and the model-index
+    data = card.data
+    assert data.library_name == "transformers" and data.pipeline_tag == "image-text-to-text"
+    assert data.license == "apache-2.0"
+    assert {"moe", "vision-language"} <= set(data.tags)
+    assert data.model_name == "org/tiny-shapes"
+    results = {(r.task_type, r.metric_name): r for r in data.eval_results}
+    assert results[("visual-question-answering", "Exact match (short answers)")].metric_value == 0.614
+    assert results[("image-to-text", "Caption BLEU")].metric_value == 12.5
+    assert results[("image-to-text", "Caption ROUGE-L")].metric_value == 0.71
+    assert all(r.dataset_split == "test" and r.dataset_type == "hf_sparsemoe_vlm/synthetic_shapes"
+               for r in data.eval_results)
+    # Only test-split metrics go to the model-index; the round trip through the Hub's format is lossless.
+    assert len(data.eval_results) == 3
+    name, index = "org/tiny-shapes", eval_results_to_model_index("org/tiny-shapes", data.eval_results)
+    assert model_index_to_eval_results(index) == (name, data.eval_results)
+
+    text = card.text
+    counts = parameter_counts(model)
+    assert f"| total | {counts['total']:,} |" in text
+    assert f"| decoder, active per text token | {counts['active_per_text_token']:,} |" in text
+    assert "| experts per sparse layer | 4 text + 2 image routed, 0 shared; expert width 32 |" in text
+    assert "| router | top-k softmax, k = 2 |" in text
+    assert f"{model.config.image_seq_length} image tokens" in text
+    assert "| steps | 3000 |" in text and "epochs" not in text  # max_steps wins over epochs, as in Trainer
+    assert "| learning rate | 0.002 |" in text and "| wall time | 9.1 min |" in text
+    assert "| exact_match | test | 0.6140 |" in text and "| loss | validation | 0.3700 |" in text
+    assert "| image | 1.25 | 0.9 | 0.6 | 1.0 |" in text
+    assert "![Share of tokens per expert, layer and modality](expert_load.png)" in text
+    assert 'from_pretrained("org/tiny-shapes", trust_remote_code=True)' in text
+    assert "\n\n\n" not in text
+
+
+def test_card_of_a_converted_model_names_its_base_and_measured_dynamic_routing(tmp_path):
+    model = make_model(router_type="relu")
+    card = build_model_card(model, "org/upcycled", fake_run(tmp_path / "run"), base_model="llava-hf/llava-1.5-7b-hf",
+                            conversion="sparse upcycling, every other layer")
+    assert card.data.base_model == "llava-hf/llava-1.5-7b-hf"
+    assert "[`llava-hf/llava-1.5-7b-hf`](https://huggingface.co/llava-hf/llava-1.5-7b-hf) (sparse upcycling" in card.text
+    measured = parameter_counts(model, {"text": 1.5, "image": 1.25})
+    assert f"| decoder, active per text token (measured average) | {round(measured['active_per_text_token']):,} |" \
+        in card.text
+    assert "ReLU with L1 (Laplace prior" in card.text
+
+
+def test_card_without_a_run_has_no_results_and_a_dense_model_says_so():
+    card = build_model_card(make_model(mlp_layer_types=["dense", "dense"]), "org/dense")
+    assert card.data.eval_results is None and card.data.model_name is None
+    assert "## Evaluation" not in card.text and "## Training" not in card.text
+    assert "| sparse layers | none (dense decoder) |" in card.text
+    assert "dense (this checkpoint has no sparse layer)" in card.text
+
+
+def test_card_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_model_card(make_model(), run_dir=tmp_path / "missing")
+    run = fake_run(tmp_path / "run")
+    (run / "metrics.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"metrics.json is not valid JSON"):
+        build_model_card(make_model(), run_dir=run)
