@@ -29,6 +29,14 @@ class ModelArguments:
                                          "number of active parameters (for side-by-side comparisons)."})
     training_stage: str = field(default="full", metadata={"help": f"What trains: one of {TRAINING_STAGES}."})
     freeze_vision_tower: bool = field(default=False, metadata={"help": "Freeze the vision tower."})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains the weights themselves. With LoRA (needs "
+                                                     "`peft`) only the adapters train; the saved model is merged and "
+                                                     "the adapter is saved in <output_dir>/adapter."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    lora_targets: str = field(default="attention,experts", metadata={
+        "help": "Comma-separated LoRA targets: attention (decoder q/k/v/o), experts (fused expert tensors), "
+                "dense_mlp (dense decoder MLPs)."})
 
 
 @dataclass
@@ -160,6 +168,7 @@ def train(argv: list[str]) -> dict[str, float]:
     from .training import (
         SparseMoEVLMTrainer,
         VLMDataCollator,
+        apply_lora,
         apply_training_stage,
         generate_answers,
         plot_expert_load,
@@ -173,6 +182,13 @@ def train(argv: list[str]) -> dict[str, float]:
     dataset = _load_data(data_args, training_args.seed)
     model, processor = _build_model_and_processor(model_args, dataset["train"])
     counts = apply_training_stage(model, model_args.training_stage, model_args.freeze_vision_tower)
+    if model_args.lora_r > 0:
+        if model_args.training_stage != "full" or model_args.freeze_vision_tower:
+            raise ValueError("--lora_r trains only the LoRA adapters (everything else is frozen); leave "
+                             "--training_stage at full and --freeze_vision_tower off with LoRA.")
+        model = apply_lora(model, model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout,
+                           tuple(t.strip() for t in model_args.lora_targets.split(",") if t.strip()))
+        counts["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"model: {counts['total']:,} parameters, {counts['trainable']:,} trainable "
           f"(stage {model_args.training_stage}); router {model.config.text_config.router_type}", flush=True)
 
@@ -203,7 +219,12 @@ def train(argv: list[str]) -> dict[str, float]:
     metrics["train_minutes"] = round((time.time() - started) / 60, 2)
 
     if trainer.is_world_process_zero():
-        trainer.save_model(str(output_dir))
+        if model_args.lora_r > 0:
+            trainer.model.save_pretrained(output_dir / "adapter")
+            model = trainer.model.merge_and_unload()  # a plain checkpoint for from_pretrained / pipeline / push
+            model.save_pretrained(output_dir)
+        else:
+            trainer.save_model(str(output_dir))
         processor.save_pretrained(output_dir)
         if trainer.expert_load:
             plot_expert_load(trainer.expert_load, output_dir / "expert_load.png",
@@ -224,15 +245,95 @@ def train(argv: list[str]) -> dict[str, float]:
     return metrics
 
 
+@dataclass
+class PushArguments:
+    folder: str = field(metadata={"help": "A saved SparseMoE-VLM folder (model + processor), e.g. a training run."})
+    repo_id: str = field(metadata={"help": "Hub repository, `namespace/name`."})
+    revision: str | None = field(default=None, metadata={"help": "Branch to push to (created if missing); default main."})
+    private: bool = field(default=False, metadata={"help": "Create the repository as private."})
+    commit_message: str = field(default="Upload SparseMoE-VLM model, processor and model card")
+    include_plot: bool = field(default=True, metadata={"help": "Upload the folder's expert_load.png with the card."})
+    keep_card: bool = field(default=False, metadata={
+        "help": "Upload the folder's README.md unchanged instead of regenerating the card for `repo_id`."})
+    token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in token / HF_TOKEN)."})
+
+
+def push(argv: list[str]) -> str:
+    """Run `sparsemoe-vlm push`: load the folder (refusing to upload one that does not load or whose processor does
+    not match the model), stage model + processor + model card (+ routing plot) and upload them in one commit.
+    Returns the commit URL."""
+    import shutil
+    import tempfile
+
+    from huggingface_hub import HfApi, ModelCard
+
+    from . import SparseMoEVLMForConditionalGeneration, SparseMoEVLMProcessor
+    from .model_card import write_model_card
+
+    # `push <folder> <repo_id>`: the two positionals become --folder / --repo_id.
+    argv, positional = list(argv), []
+    while argv and not argv[0].startswith("-") and len(positional) < 2:
+        positional.append(argv.pop(0))
+    flags = ("--folder", "--repo_id")[:len(positional)]
+    argv = [token for flag, value in zip(flags, positional, strict=True) for token in (flag, value)] + argv
+    parser = HfArgumentParser(PushArguments, prog="sparsemoe-vlm push <folder> <repo_id>")
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    folder = Path(args.folder)
+    if not (folder / "config.json").is_file():
+        raise SystemExit(f"Refusing to upload {folder}: no config.json there. Pass a folder written by "
+                         f"`save_pretrained` or `sparsemoe-vlm train`.")
+    try:
+        model = SparseMoEVLMForConditionalGeneration.from_pretrained(folder)
+        processor = SparseMoEVLMProcessor.from_pretrained(folder)
+    except Exception as error:  # anything that stops a user from loading it stops the upload
+        raise SystemExit(f"Refusing to upload {folder}: it does not load ({type(error).__name__}: {error}). "
+                         f"Fix or re-save the checkpoint, then push again.") from None
+    config = model.config
+    if processor.image_token_id != config.image_token_id or processor.image_seq_length != config.image_seq_length:
+        raise SystemExit(
+            f"Refusing to upload {folder}: the processor does not match the model (image token id "
+            f"{processor.image_token_id} vs {config.image_token_id}, image tokens {processor.image_seq_length} vs "
+            f"{config.image_seq_length}). Save the processor built for this model (`build_processor`).")
+
+    api = HfApi(token=args.token)
+    with tempfile.TemporaryDirectory(prefix="sparsemoe-vlm-push-") as stage:
+        stage = Path(stage)
+        model.save_pretrained(stage)  # weights, config, generation config, modeling code for trust_remote_code
+        processor.save_pretrained(stage)
+        if args.keep_card and (folder / "README.md").is_file():
+            shutil.copy(folder / "README.md", stage / "README.md")
+        else:
+            previous = ModelCard.load(folder / "README.md").data if (folder / "README.md").is_file() else None
+            write_model_card(model, stage, model_id=args.repo_id, run_dir=folder,
+                             base_model=getattr(previous, "base_model", None),
+                             datasets=getattr(previous, "datasets", None),
+                             license=getattr(previous, "license", None) or "apache-2.0")
+        if args.include_plot and (folder / "expert_load.png").is_file():
+            shutil.copy(folder / "expert_load.png", stage / "expert_load.png")
+        elif not args.include_plot:  # the card would link a missing picture
+            card = (stage / "README.md").read_text()
+            (stage / "README.md").write_text("\n".join(line for line in card.splitlines()
+                                                        if "(expert_load.png)" not in line) + "\n")
+        api.create_repo(args.repo_id, private=args.private, exist_ok=True)
+        if args.revision and args.revision != "main":
+            api.create_branch(args.repo_id, branch=args.revision, exist_ok=True)
+        commit = api.upload_folder(repo_id=args.repo_id, folder_path=stage, revision=args.revision,
+                                   commit_message=args.commit_message)
+    print(f"Pushed {folder} to {args.repo_id} ({args.revision or 'main'}): {commit.commit_url}")
+    return commit.commit_url
+
+
+COMMANDS = {"train": train, "push": push}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"train": train}
-    if not argv or argv[0] not in commands:
-        print("usage: sparsemoe-vlm {train} [options]   (sparsemoe-vlm train --help for the options)",
+    if not argv or argv[0] not in COMMANDS:
+        print("usage: sparsemoe-vlm {train,push} [options]   (sparsemoe-vlm <command> --help for the options)",
               file=sys.stderr)
         return 2
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    commands[argv[0]](argv[1:])
+    COMMANDS[argv[0]](argv[1:])
     return 0
 
 

@@ -33,6 +33,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 TRAINING_STAGES = ("full", "projector", "dense", "moe")
+# LoRA targets: decoder attention projections (modules) and the fused expert tensors (parameters: PEFT wraps
+# `nn.Parameter`s through `target_parameters`, so the fused (E, ., .) experts get one adapter per tensor).
+LORA_TARGETS = {
+    "attention": {"target_modules": r".*language_model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"},
+    "experts": {"target_parameters": ["experts.gate_up_proj", "experts.down_proj"]},
+    "dense_mlp": {"target_modules": r".*language_model\.layers\.\d+\.mlp\.(gate_proj|up_proj|down_proj)"},
+}
 
 
 def preset_config(name: str, **text_overrides) -> SparseMoEVLMConfig:
@@ -75,6 +82,29 @@ def apply_training_stage(model, stage: str, freeze_vision_tower: bool = False) -
     if counts["trainable"] == 0:
         raise ValueError(f"Training stage {stage!r} leaves no trainable parameter in this model.")
     return counts
+
+
+def apply_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.0,
+               targets: tuple[str, ...] = ("attention", "experts")):
+    """Wrap `model` with PEFT LoRA adapters on the chosen `targets` (keys of `LORA_TARGETS`); everything else is
+    frozen. Needs the optional `peft` package (`pip install "hf-sparsemoe-vlm[peft]"`)."""
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if unknown or not targets:
+        raise ValueError(f"Unknown or empty LoRA targets {list(targets)}; choose from {sorted(LORA_TARGETS)}.")
+    if "experts" in targets and not model.config.text_config.sparse_layer_indices:
+        raise ValueError("LoRA target 'experts' needs a model with sparse layers; this decoder is dense.")
+    if "dense_mlp" in targets and "dense" not in model.config.text_config.mlp_layer_types:
+        raise ValueError("LoRA target 'dense_mlp' needs a model with dense layers; every layer here is sparse.")
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ImportError("LoRA needs the `peft` package: pip install 'hf-sparsemoe-vlm[peft]'") from None
+    module_patterns = [LORA_TARGETS[t]["target_modules"] for t in targets if "target_modules" in LORA_TARGETS[t]]
+    parameters = [name for t in targets for name in LORA_TARGETS[t].get("target_parameters", [])]
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                        target_modules="|".join(f"(?:{p})" for p in module_patterns) if module_patterns else None,
+                        target_parameters=parameters or None)
+    return get_peft_model(model, config)
 
 
 class VLMDataCollator:

@@ -133,3 +133,47 @@ def test_short_training_run_end_to_end(tmp_path, capsys):
     assert f"| total | {sum(p.numel() for p in model.parameters()):,} |" in card.text
     assert "| steps | 6 |" in card.text and "| batch size per device | 8 |" in card.text
     assert "top-p (p = " in card.text and "(expert_load.png)" in card.text
+
+
+@pytest.mark.slow
+def test_lora_fine_tuning_trains_adapters_only_and_saves_a_merged_model(tmp_path):
+    pytest.importorskip("peft")
+    from peft import PeftModel
+
+    processor, base = make_processor_and_model()
+    base.save_pretrained(tmp_path / "base")
+    processor.save_pretrained(tmp_path / "base")
+    output = tmp_path / "lora"
+    main(["train", "--model_name_or_path", str(tmp_path / "base"), "--output_dir", str(output), "--max_steps", "4",
+          "--num_train_examples", "32", "--num_validation_examples", "0", "--num_test_examples", "4",
+          "--image_size", "32", "--per_device_train_batch_size", "8", "--max_new_tokens", "2", "--lora_r", "4",
+          "--learning_rate", "1e-2", "--save_strategy", "no", "--use_cpu", "true"])
+    merged = SparseMoEVLMForConditionalGeneration.from_pretrained(output)
+    before, after = dict(base.named_parameters()), dict(merged.named_parameters())
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    # Only LoRA targets move: decoder attention projections and fused expert tensors.
+    assert changed and all(("self_attn" in n and "language_model" in n) or "experts." in n for n in changed)
+    assert any("experts.gate_up_proj" in n for n in changed) and any("q_proj" in n for n in changed)
+    # The adapter reloads with PEFT on the base model and gives the merged model's logits.
+    inputs = processor(text=["<image>What colour is it?"], images=[PIL.Image.new("RGB", (32, 32), "red")],
+                       return_tensors="pt")
+    adapted = PeftModel.from_pretrained(SparseMoEVLMForConditionalGeneration.from_pretrained(tmp_path / "base"),
+                                        output / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(**inputs).logits, merged.eval()(**inputs).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_rejects_bad_targets_and_stage_combinations(tmp_path):
+    pytest.importorskip("peft")
+    from hf_sparsemoe_vlm.training import apply_lora
+
+    _, model = make_processor_and_model()
+    with pytest.raises(ValueError, match="Unknown or empty LoRA targets"):
+        apply_lora(model, targets=("mlp",))
+    _, dense = make_processor_and_model(mlp_layer_types=["dense", "dense"])
+    with pytest.raises(ValueError, match="needs a model with sparse layers"):
+        apply_lora(dense, targets=("experts",))
+    with pytest.raises(ValueError, match="leave --training_stage at full"):
+        main(["train", "--output_dir", str(tmp_path / "x"), "--lora_r", "4", "--training_stage", "moe",
+              "--num_train_examples", "8", "--num_validation_examples", "0", "--num_test_examples", "2",
+              "--max_steps", "1", "--use_cpu", "true"])
