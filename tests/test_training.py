@@ -1,4 +1,5 @@
 import json
+import math
 
 import PIL.Image
 import pytest
@@ -177,3 +178,47 @@ def test_lora_rejects_bad_targets_and_stage_combinations(tmp_path):
         main(["train", "--output_dir", str(tmp_path / "x"), "--lora_r", "4", "--training_stage", "moe",
               "--num_train_examples", "8", "--num_validation_examples", "0", "--num_test_examples", "2",
               "--max_steps", "1", "--use_cpu", "true"])
+
+
+def _tensorboard_scalars(log_dir) -> dict[str, list[float]]:
+    """Scalars of every TFRecord event file under `log_dir` (record = length, crc, event proto, crc)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, list[float]] = {}
+    for path in sorted(log_dir.rglob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append(value.simple_value)
+    return scalars
+
+
+@pytest.mark.slow
+def test_standard_trainer_flags_bf16_accumulation_checkpointing_eval_and_tensorboard(tmp_path, monkeypatch):
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    pytest.importorskip("tensorboardX")
+    output = tmp_path / "run"
+    main(["train", "--output_dir", str(output), "--max_steps", "4", "--num_train_examples", "64",
+          "--num_validation_examples", "8", "--num_test_examples", "4", "--per_device_train_batch_size", "4",
+          "--gradient_accumulation_steps", "2", "--activation_checkpointing", "true", "--bf16", "true",
+          "--eval_strategy", "steps", "--eval_steps", "2", "--logging_steps", "1", "--save_strategy", "no",
+          "--report_to", "tensorboard", "--max_new_tokens", "2",
+          "--use_cpu", "true"])
+    history = json.loads((output / "log_history.json").read_text())
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
+    # Evaluations at steps 2 and 4, then the final one the script runs after training.
+    assert [entry["step"] for entry in history if "eval_loss" in entry] == [2, 4, 4]
+    assert sum("eval_exact_match" in entry for entry in history) == 3
+    scalars = _tensorboard_scalars(output / "runs")  # Trainer's default TensorBoard folder
+    # Trainer's TensorBoard callback receives the routing health next to the loss.
+    assert len(scalars["train/loss"]) == 4
+    assert scalars["train/loss"] == pytest.approx(losses, rel=1e-6)
+    assert len(scalars["train/routing/text/load_entropy"]) == 4 and "eval/exact_match" in scalars
+    assert json.loads((output / "run_args.json").read_text())["training"]["precision"] == "bf16"
