@@ -48,6 +48,10 @@ class SparseMoEVLMTextConfig(PreTrainedConfig):
       adapted during training (multiplied or divided by `router_laplace_adapt_rate` after each training forward) so
       that the average number of active experts per token moves toward the target.
 
+    `router_bias` adds a learned bias to the router logits (zero-initialised). Upcycled ReLU routers use it: zero
+    router weights with a bias of `1 / num_experts` open every copied expert with gates summing to one, so the
+    upcycled layer starts equal to the dense MLP and the L1 penalty then switches experts off.
+
     Auxiliary losses, each with its own coefficient and only added to the loss when labels are given: the
     load-balancing loss (`router_aux_loss_coef`, computed per modality group), the router z-loss
     (`router_z_loss_coef`) and the L1/Laplace term (`router_l1_loss_coef`, relu routing only).
@@ -122,6 +126,7 @@ class SparseMoEVLMTextConfig(PreTrainedConfig):
     router_target_active_experts: float | None = None
     router_laplace_adapt_rate: float = 1.2
     router_jitter_noise: float = 0.0
+    router_bias: bool = False
     router_aux_loss_coef: float = 0.01
     router_z_loss_coef: float = 0.001
     router_l1_loss_coef: float = 0.01

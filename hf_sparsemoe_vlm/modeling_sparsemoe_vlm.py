@@ -153,6 +153,7 @@ class SparseMoEVLMRouter(nn.Module):
         self.norm_topk_prob = config.norm_topk_prob
         self.jitter_noise = config.router_jitter_noise
         self.weight = nn.Parameter(torch.empty(num_experts, config.hidden_size))
+        self.bias = nn.Parameter(torch.zeros(num_experts)) if config.router_bias else None
         if self.router_type == "relu":
             # Coefficient 1/b of the Laplace prior on the gates; adapted in training toward a target sparsity.
             self.laplace_inv_scale = nn.Buffer(torch.tensor(1.0 / config.router_laplace_b))
@@ -162,7 +163,7 @@ class SparseMoEVLMRouter(nn.Module):
             hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(
                 1.0 - self.jitter_noise, 1.0 + self.jitter_noise
             )
-        router_logits = F.linear(hidden_states, self.weight).float()
+        router_logits = F.linear(hidden_states, self.weight, self.bias).float()
         if self.router_type == "relu":
             return router_logits, F.relu(router_logits)
 
@@ -320,6 +321,8 @@ class SparseMoEVLMPreTrainedModel(PreTrainedModel):
             init.normal_(module.down_proj, mean=0.0, std=std)
         elif isinstance(module, SparseMoEVLMRouter):
             init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
             if module.router_type == "relu":
                 init.constant_(module.laplace_inv_scale, 1.0 / config.router_laplace_b)
 

@@ -232,6 +232,21 @@ def test_relu_token_with_every_gate_off_gets_no_expert_output():
     torch.testing.assert_close(output, torch.zeros_like(output), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("router_type", ROUTER_TYPES)
+def test_router_bias_is_added_to_the_logits(router_type):
+    model = make_model(router_type=router_type, router_bias=True)
+    group = model.model.language_model.layers[0].mlp.text_moe
+    assert group.router.bias is not None and torch.count_nonzero(group.router.bias) == 0  # zero-initialised
+    hidden = torch.randn(5, 32)
+    with torch.no_grad():
+        group.router.weight.zero_()
+        group.router.bias.copy_(torch.tensor([0.1, 0.2, 0.3, 5.0]))
+    _, routing = group(hidden, torch.arange(5))
+    torch.testing.assert_close(routing.router_logits, torch.tensor([[0.1, 0.2, 0.3, 5.0]]).expand(5, 4))
+    assert (routing.routing_weights.argmax(-1) == 3).all()
+    assert "router.bias" not in "".join(n for n, _ in make_model(router_type=router_type).named_parameters())
+
+
 @pytest.mark.parametrize("target,grows", [(1.0, True), (8.0, False)])
 def test_laplace_coefficient_adapts_toward_target_active_experts(target, grows):
     model = make_model(router_type="relu", router_target_active_experts=target, router_laplace_adapt_rate=1.5,
