@@ -11,6 +11,8 @@ from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
 from transformers.generation import GenerationMixin
 from transformers.integrations import use_experts_implementation
 from transformers.masking_utils import create_causal_mask
@@ -33,6 +35,26 @@ from .configuration_sparsemoe_vlm import SparseMoEVLMConfig, SparseMoEVLMTextCon
 
 
 logger = logging.get_logger(__name__)
+
+# Checkpoints with one tensor per expert (`<group>_moe.experts.<e>.{gate,up,down}_proj.weight`, the layout of
+# Mixtral-style tools) are fused into the (E, 2I, H) / (E, H, I) parameters at load time, as Transformers does for
+# its own MoE models; `save_pretrained(save_original_format=True)` writes that per-expert layout back.
+register_checkpoint_conversion_mapping(
+    "sparsemoe_vlm",
+    [
+        WeightConverter(
+            source_patterns=["_moe.experts.*.gate_proj.weight", "_moe.experts.*.up_proj.weight"],
+            target_patterns="_moe.experts.gate_up_proj",
+            operations=[MergeModulelist(dim=0), Concatenate(dim=1)],
+        ),
+        WeightConverter(
+            source_patterns=["_moe.experts.*.down_proj.weight"],
+            target_patterns="_moe.experts.down_proj",
+            operations=[MergeModulelist(dim=0)],
+        ),
+    ],
+    overwrite=True,  # the modeling file is imported again as remote code next to the installed package
+)
 
 
 @dataclass
@@ -311,6 +333,12 @@ class SparseMoEVLMPreTrainedModel(PreTrainedModel):
         "hidden_states": SparseMoEVLMDecoderLayer,
         "attentions": LlamaAttention,
     }
+
+    def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):
+        """`PreTrainedModel.save_pretrained`, writing the fused expert tensors by default (the layout the model
+        computes with). `save_original_format=True` writes one tensor per expert and projection instead
+        (`..._moe.experts.<e>.gate_proj.weight`, ...), for tools that need unfused experts; both layouts load."""
+        return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -135,3 +136,28 @@ def test_expert_groups_can_be_placed_on_different_devices(tmp_path):
     assert placed.hf_device_map[f"{layer0}.mlp.image_moe"] == "disk"
     assert placed.model.language_model.layers[0].mlp.image_moe.experts.gate_up_proj.device.type == "meta"
     torch.testing.assert_close(placed(**inputs).logits, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("per_expert", [False, True])
+def test_sharded_fused_and_per_expert_layouts_reload_to_identical_logits(tmp_path, per_expert):
+    model = make_model(num_shared_experts=1)
+    inputs = make_inputs(model.config)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    model.save_pretrained(tmp_path, max_shard_size="40KB", save_original_format=per_expert)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 1 and all((tmp_path / shard).is_file() for shard in shards)
+    keys = set(index["weight_map"])
+    fused = {k for k in keys if k.endswith(("experts.gate_up_proj", "experts.down_proj"))}
+    per_expert_keys = {k for k in keys if re.search(r"_moe\.experts\.\d+\.(gate|up|down)_proj\.weight$", k)}
+    if per_expert:  # 2 layers x (4 text + 2 image experts) x 3 projections, no fused tensor left
+        assert not fused and len(per_expert_keys) == 2 * 6 * 3
+        assert "model.language_model.layers.1.mlp.image_moe.experts.1.up_proj.weight" in keys
+    else:
+        assert len(fused) == 2 * 2 * 2 and not per_expert_keys
+    reloaded = SparseMoEVLMForConditionalGeneration.from_pretrained(tmp_path).eval()
+    for name, param in model.state_dict().items():
+        assert torch.equal(param, reloaded.state_dict()[name]), name
+    with torch.no_grad():
+        assert torch.equal(reloaded(**inputs).logits, expected)
