@@ -2,8 +2,9 @@
 # Licensed under the Apache License, Version 2.0.
 """Model cards: a Jinja template filled through `huggingface_hub.ModelCard` from a model's config and, when there
 is one, the folder of a `sparsemoe-vlm train` run (`metrics.json`, `run_args.json`, `log_history.json`,
-`expert_load.png`). The training and conversion scripts write the card as `README.md` next to the weights;
-`sparsemoe-vlm push` uploads it."""
+`expert_load.png`) or of a conversion script (`conversion.json`: base model and method). The training and
+conversion scripts write the card as `README.md` next to the weights; `sparsemoe-vlm push` regenerates and uploads
+it."""
 
 import json
 import re
@@ -140,6 +141,10 @@ def build_model_card(
     if run_dir is not None:
         if not run_dir.is_dir():
             raise FileNotFoundError(f"Run folder {run_dir} does not exist; pass the `--output_dir` of a training run.")
+        if (run_dir / "conversion.json").is_file():  # written by the conversion scripts
+            conversion_info = _read_json(run_dir / "conversion.json")
+            base_model = base_model or conversion_info.get("base_model")
+            conversion = conversion or conversion_info.get("method")
         for name in ("metrics.json", "run_args.json", "log_history.json"):
             if (run_dir / name).is_file():
                 value = _read_json(run_dir / name)

@@ -1,0 +1,168 @@
+#!/usr/bin/env python
+# Copyright 2026 The hf_sparsemoe_vlm authors.
+# Licensed under the Apache License, Version 2.0.
+"""Sparse upcycling of a Transformers LLaVA checkpoint into a SparseMoE-VLM checkpoint.
+
+Input: a `LlavaForConditionalGeneration` folder (Llama, Mistral or Qwen2 text model; CLIP or SigLIP vision tower)
+with its processor. Output: a `SparseMoEVLMForConditionalGeneration` folder with processor and model card. The
+vision tower, projector, embeddings, attention, norms and LM head are copied; the MLPs of the selected layers become
+image and text expert groups (copies of the MLP, optionally with noise) with freshly initialised routers.
+
+With `--noise_std 0` (the default) the converted model reproduces the LLaVA model: the script checks logits
+(max abs difference < 1e-5, fp32) and greedy generation on the written checkpoint and exits non-zero otherwise.
+
+Example:
+    python conversion/upcycle_llava.py --input llava-1.5-7b-hf --output llava-1.5-7b-moe \\
+        --sparse_layers every_other --num_experts 4 --num_image_experts 4 --router_type topk
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+SUPPORTED_VISION_TOWERS = ("clip_vision_model", "siglip_vision_model")
+LOGITS_TOLERANCE = 1e-5
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from hf_sparsemoe_vlm.upcycling import add_output_arguments, add_upcycling_arguments
+
+    parser = argparse.ArgumentParser(prog="upcycle_llava.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True, help="LlavaForConditionalGeneration folder (model + processor).")
+    parser.add_argument("--base_model", default=None,
+                        help="Hub id of the input, recorded as `base_model` in the model card.")
+    add_upcycling_arguments(parser)
+    add_output_arguments(parser)
+    return parser
+
+
+def check_input(input_dir: Path):
+    """Validate the LLaVA folder from its config alone, before loading any weight."""
+    from transformers import AutoConfig
+
+    from hf_sparsemoe_vlm.upcycling import SUPPORTED_TEXT_MODEL_TYPES
+
+    if not (input_dir / "config.json").is_file():
+        raise ValueError(f"{input_dir} has no config.json; pass a LLaVA checkpoint folder.")
+    config = AutoConfig.from_pretrained(input_dir)
+    if config.model_type != "llava":
+        raise ValueError(f"{input_dir} holds a {config.model_type!r} model; this script converts 'llava' "
+                         f"(LlavaForConditionalGeneration) checkpoints.")
+    if config.text_config.model_type not in SUPPORTED_TEXT_MODEL_TYPES:
+        raise ValueError(f"LLaVA text model {config.text_config.model_type!r} is not supported; supported: "
+                         f"{SUPPORTED_TEXT_MODEL_TYPES}.")
+    if config.vision_config.model_type not in SUPPORTED_VISION_TOWERS:
+        raise ValueError(f"LLaVA vision tower {config.vision_config.model_type!r} is not supported; supported: "
+                         f"{SUPPORTED_VISION_TOWERS}.")
+    sliding_window = getattr(config.text_config, "sliding_window", None)
+    if sliding_window and getattr(config.text_config, "use_sliding_window", True) and \
+            sliding_window < config.text_config.max_position_embeddings:
+        print(f"warning: the text model uses a sliding window of {sliding_window} tokens; the converted decoder "
+              f"attends over the full context (identical outputs up to {sliding_window} tokens).", file=sys.stderr)
+    return config
+
+
+def processor_from_llava(llava_processor, config):
+    """Our processor with LLaVA's tokenizer, chat template and image normalisation at the tower's resolution."""
+    from hf_sparsemoe_vlm import SparseMoEVLMImageProcessor, SparseMoEVLMProcessor
+
+    source = llava_processor.image_processor
+    image_processor = SparseMoEVLMImageProcessor(
+        size={"height": config.image_size, "width": config.image_size},
+        image_mean=list(source.image_mean), image_std=list(source.image_std))
+    processor = SparseMoEVLMProcessor(
+        image_processor=image_processor, tokenizer=llava_processor.tokenizer,
+        chat_template=llava_processor.chat_template, image_token=llava_processor.image_token,
+        image_seq_length=config.image_seq_length, max_position_embeddings=config.text_config.max_position_embeddings)
+    if processor.image_token_id != config.image_token_id:
+        raise ValueError(f"The LLaVA tokenizer gives {processor.image_token!r} id {processor.image_token_id} but the "
+                         f"model's image_token_id is {config.image_token_id}; the checkpoint is inconsistent.")
+    return processor
+
+
+def compare_with_dense(dense, converted, config, exact: bool) -> dict[str, str]:
+    """Logits and greedy tokens of the converted model against the dense one; raises when `exact` and they
+    differ."""
+    from hf_sparsemoe_vlm.upcycling import verification_inputs
+
+    inputs = verification_inputs(config)
+    with torch.no_grad():
+        difference = (dense(**inputs).logits - converted(**inputs).logits).abs().max().item()
+        # The converted model never generates the image placeholder; ask the same of LLaVA.
+        greedy = {"max_new_tokens": 8, "do_sample": False, "suppress_tokens": [config.image_token_id],
+                  "pad_token_id": config.text_config.pad_token_id or 0}
+        dense_tokens = dense.generate(**inputs, **greedy)
+        converted_tokens = converted.generate(**inputs, **greedy)
+    same_tokens = dense_tokens.shape == converted_tokens.shape and torch.equal(dense_tokens, converted_tokens)
+    if exact and difference >= LOGITS_TOLERANCE:
+        raise RuntimeError(f"The upcycled model's logits differ from LLaVA's by {difference:.3g} (>= "
+                           f"{LOGITS_TOLERANCE}) with noise off; the conversion is wrong.")
+    if exact and not same_tokens:
+        raise RuntimeError("Greedy generation of the upcycled model differs from LLaVA's with noise off.")
+    return {"max abs logit difference vs LLaVA": f"{difference:.2e}",
+            "greedy tokens equal to LLaVA": "yes" if same_tokens else "no"}
+
+
+def convert(argv: list[str] | None = None) -> Path:
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from hf_sparsemoe_vlm.upcycling import (
+        check_output_dir,
+        parameter_summary,
+        upcycle_llava,
+        upcycling_options,
+        write_converted_checkpoint,
+    )
+
+    args = build_parser().parse_args(argv)
+    started = time.time()
+    input_dir = Path(args.input)
+    output_dir = check_output_dir(args.output, args.overwrite)
+    check_input(input_dir)
+    options = upcycling_options(args)
+    llava = LlavaForConditionalGeneration.from_pretrained(input_dir, dtype=torch.float32).eval()
+    llava_processor = AutoProcessor.from_pretrained(input_dir)
+    model = upcycle_llava(llava, noise_std=args.noise_std, seed=args.seed, **options)
+    processor = processor_from_llava(llava_processor, model.config)
+
+    checks: dict[str, str] = {}
+
+    def verify(reloaded) -> None:  # runs on the written checkpoint, before it is moved into place
+        checks.update(compare_with_dense(llava, reloaded, model.config, exact=args.noise_std == 0))
+
+    conversion = (f"sparse upcycling of LLaVA: layers {model.config.text_config.sparse_layer_indices} upcycled, "
+                  f"noise {args.noise_std}")
+    write_converted_checkpoint(
+        model, processor, output_dir, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
+        per_expert_layout=args.per_expert_layout, verify=verify,
+        card_kwargs={"model_id": args.model_id or output_dir.resolve().name, "base_model": args.base_model,
+                     "conversion": conversion},
+        conversion_info={"base_model": args.base_model, "method": conversion, "source": str(input_dir),
+                         "options": {**options, "noise_std": args.noise_std, "seed": args.seed}})
+    print(parameter_summary(model, f"Upcycled {input_dir} -> {output_dir}", [
+        ("source text / vision model", f"{llava.config.text_config.model_type} / "
+                                       f"{llava.config.vision_config.model_type}"),
+        ("source parameters", f"{sum(p.numel() for p in llava.parameters()):,}"),
+        *checks.items(),
+        ("layout", "per-expert tensors" if args.per_expert_layout else "fused expert tensors"),
+        ("time", f"{time.time() - started:.1f} s"),
+    ]))
+    return output_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        convert(argv)
+    except (ValueError, KeyError, RuntimeError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

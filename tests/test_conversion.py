@@ -1,0 +1,200 @@
+"""conversion/upcycle_llava.py and conversion/compose.py on tiny random LLaVA models and parts built from config."""
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from transformers import (
+    AutoModelForCausalLM,
+    CLIPImageProcessorPil,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+
+from hf_sparsemoe_vlm import SparseMoEVLMForConditionalGeneration, SparseMoEVLMProcessor, build_tokenizer
+from hf_sparsemoe_vlm.upcycling import (
+    parse_layer_selection,
+    sparse_text_config_from_dense,
+    upcycle_llava,
+    verification_inputs,
+)
+
+from tiny_models import CORPUS
+
+
+ROOT = Path(__file__).resolve().parents[1]
+ROUTER_TYPES = ["topk", "top_p", "relu"]
+TEXT_CONFIG = {"vocab_size": 300, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 3,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
+VISION_CONFIGS = {
+    "clip": {"model_type": "clip_vision_model", "hidden_size": 24, "intermediate_size": 48, "num_hidden_layers": 2,
+             "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+    "siglip": {"model_type": "siglip_vision_model", "hidden_size": 24, "intermediate_size": 48,
+               "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+}
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "conversion" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_llava(text: str = "llama", vision: str = "clip", seed: int = 0) -> LlavaForConditionalGeneration:
+    tokenizer = build_tokenizer(CORPUS, vocab_size=TEXT_CONFIG["vocab_size"])
+    config = LlavaConfig(
+        text_config={"model_type": text, **TEXT_CONFIG, "pad_token_id": tokenizer.pad_token_id,
+                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id},
+        vision_config=VISION_CONFIGS[vision], image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=16, vision_feature_layer=-2,
+        vision_feature_select_strategy="default" if vision == "clip" else "full",
+    )
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(config).eval()
+
+
+def save_llava(folder: Path, text: str = "llama", vision: str = "clip") -> LlavaForConditionalGeneration:
+    llava = tiny_llava(text, vision)
+    llava.save_pretrained(folder)
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                            image_mean=[0.48, 0.46, 0.41], image_std=[0.27, 0.26, 0.28])
+    tokenizer = build_tokenizer(CORPUS, vocab_size=TEXT_CONFIG["vocab_size"])
+    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
+                   vision_feature_select_strategy=llava.config.vision_feature_select_strategy,
+                   num_additional_image_tokens=1 if vision == "clip" else 0).save_pretrained(folder)
+    return llava
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def test_layer_selection():
+    assert parse_layer_selection("all", 4) == [0, 1, 2, 3]
+    assert parse_layer_selection("every_other", 5) == [1, 3]
+    assert parse_layer_selection("every_other_even", 5) == [0, 2, 4]
+    assert parse_layer_selection("0,-1", 4) == [0, 3]
+    for bad in ("7", "x,y", ""):
+        with pytest.raises(ValueError, match="Layer selection"):
+            parse_layer_selection(bad, 4)
+
+
+@pytest.mark.parametrize("text,vision", [("llama", "clip"), ("qwen2", "siglip"), ("mistral", "clip"),
+                                         ("qwen2", "clip"), ("llama", "siglip")])
+@pytest.mark.parametrize("router_type", ROUTER_TYPES)
+def test_upcycled_llava_reproduces_the_dense_model(text, vision, router_type):
+    llava = tiny_llava(text, vision)
+    shared = 1 if router_type == "topk" else 0  # shared experts take a share of the MLP: still exact
+    model = upcycle_llava(llava, sparse_layers="all", router_type=router_type, num_shared_experts=shared)
+    inputs = verification_inputs(model.config)
+    difference = (logits(model, inputs) - logits(llava, inputs)).abs().max().item()
+    assert difference < 1e-5
+    greedy = {"max_new_tokens": 6, "do_sample": False, "suppress_tokens": [model.config.image_token_id]}
+    with torch.no_grad():
+        assert torch.equal(model.generate(**inputs, **greedy), llava.generate(**inputs, **greedy))
+
+
+def test_upcycling_copies_weights_and_routes_every_token():
+    llava = tiny_llava()
+    model = upcycle_llava(llava, sparse_layers=[0, 2], num_experts=3, num_image_experts=2, noise_std=0.01, seed=1)
+    text_config = model.config.text_config
+    assert text_config.mlp_layer_types == ["sparse", "dense", "sparse"] and text_config.moe_intermediate_size == 48
+    source = llava.state_dict()
+    target = model.state_dict()
+    for key in ("model.vision_tower.embeddings.patch_embedding.weight",
+                "model.multi_modal_projector.linear_2.weight", "model.language_model.embed_tokens.weight",
+                "model.language_model.layers.2.self_attn.k_proj.weight", "model.language_model.norm.weight",
+                "model.language_model.layers.1.mlp.down_proj.weight", "lm_head.weight"):
+        assert torch.equal(target[key], source[key]), key
+    gate = source["model.language_model.layers.2.mlp.gate_proj.weight"]
+    experts = target["model.language_model.layers.2.mlp.image_moe.experts.gate_up_proj"]
+    assert experts.shape == (2, 96, 32)
+    # Noise makes the copies differ from each other but stay close to the MLP (relative std 0.01).
+    assert not torch.equal(experts[0], experts[1])
+    assert (experts[0, :48] - gate).std() / gate.std() == pytest.approx(0.01, rel=0.3)
+    with pytest.raises(ValueError, match="Cannot upcycle a 'gpt2' language model"):
+        sparse_text_config_from_dense(type("C", (), {"model_type": "gpt2"})())
+    with pytest.raises(ValueError, match="norm_topk_prob=True"):
+        upcycle_llava(llava, norm_topk_prob=False)
+
+
+@pytest.mark.slow
+def test_upcycle_llava_script_writes_a_verified_checkpoint(tmp_path):
+    llava = save_llava(tmp_path / "llava", "qwen2", "siglip")
+    output = tmp_path / "moe"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "conversion" / "upcycle_llava.py"), "--input", str(tmp_path / "llava"),
+         "--output", str(output), "--sparse_layers", "0,2", "--router_type", "top_p", "--num_image_experts", "2",
+         "--base_model", "llava-hf/tiny-llava", "--max_shard_size", "100KB"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"max abs logit difference vs LLaVA\s+\d\.\d\de-\d\d", result.stdout)
+    assert re.search(r"greedy tokens equal to LLaVA\s+yes", result.stdout)
+    assert re.search(r"sparse layers\s+2 of 3: \[0, 2\]", result.stdout)
+    assert len(list(output.glob("model-*.safetensors"))) > 1
+    model = SparseMoEVLMForConditionalGeneration.from_pretrained(output).eval()
+    inputs = verification_inputs(model.config)
+    assert (logits(model, inputs) - logits(llava, inputs)).abs().max() < 1e-5
+    # The processor uses LLaVA's tokenizer and normalisation, and expands <image> to the tower's patch count.
+    processor = SparseMoEVLMProcessor.from_pretrained(output)
+    assert processor.image_token_id == model.config.image_token_id and processor.image_seq_length == 16
+    assert list(processor.image_processor.image_mean) == [0.48, 0.46, 0.41]
+    card = ModelCard.load(output / "README.md")
+    assert card.data.base_model == "llava-hf/tiny-llava" and "sparse upcycling of LLaVA" in card.text
+    assert json.loads((output / "conversion.json").read_text())["options"]["router_type"] == "top_p"
+    assert not list(tmp_path.glob(".moe.partial-*"))
+
+
+def test_upcycle_script_validates_before_writing(tmp_path, capsys):
+    script = load_script("upcycle_llava")
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("user data")
+    assert script.main(["--input", str(tmp_path), "--output", str(occupied)]) == 1
+    assert "not empty; pass --overwrite" in capsys.readouterr().err
+    assert [p.name for p in occupied.iterdir()] == ["keep.txt"]
+
+    assert script.main(["--input", str(tmp_path / "nothing"), "--output", str(tmp_path / "out")]) == 1
+    assert "has no config.json" in capsys.readouterr().err
+    causal = tmp_path / "causal"
+    AutoModelForCausalLM.from_config(tiny_llava().config.text_config).save_pretrained(causal)
+    assert script.main(["--input", str(causal), "--output", str(tmp_path / "out")]) == 1
+    assert "holds a 'llama' model; this script converts 'llava'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+    with pytest.raises(SystemExit):
+        script.main(["--help"])
+    assert "Sparse upcycling of a Transformers LLaVA checkpoint" in capsys.readouterr().out
+
+
+def test_a_failed_verification_leaves_no_checkpoint(tmp_path):
+    from hf_sparsemoe_vlm.upcycling import write_converted_checkpoint
+
+    llava = save_llava(tmp_path / "llava")
+    script = load_script("upcycle_llava")
+    model = upcycle_llava(llava)
+    processor = script.processor_from_llava(LlavaProcessor.from_pretrained(tmp_path / "llava"), model.config)
+
+    def broken_check(reloaded):
+        raise RuntimeError("simulated mismatch")
+
+    with pytest.raises(RuntimeError, match="simulated mismatch"):
+        write_converted_checkpoint(model, processor, tmp_path / "out", verify=broken_check)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+    # --overwrite replaces an existing folder only once the new checkpoint is verified.
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError, match="simulated mismatch"):
+        write_converted_checkpoint(model, processor, tmp_path / "out", overwrite=True, verify=broken_check)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["old.txt"]
+    write_converted_checkpoint(model, processor, tmp_path / "out", overwrite=True)
+    assert (tmp_path / "out" / "config.json").is_file() and not (tmp_path / "out" / "old.txt").exists()
