@@ -198,3 +198,90 @@ def test_a_failed_verification_leaves_no_checkpoint(tmp_path):
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["old.txt"]
     write_converted_checkpoint(model, processor, tmp_path / "out", overwrite=True)
     assert (tmp_path / "out" / "config.json").is_file() and not (tmp_path / "out" / "old.txt").exists()
+
+
+def save_parts(folder: Path, text: str = "llama", vision: str = "clip_dual", tie: bool = False) -> tuple[Path, Path]:
+    """A vision encoder folder and a causal LM folder whose tokenizer has no image token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import (
+        AutoConfig,
+        CLIPConfig,
+        CLIPModel,
+        Dinov2Config,
+        Dinov2Model,
+        PreTrainedTokenizerFast,
+    )
+
+    torch.manual_seed(0)
+    vision_dir, lm_dir = folder / "vision", folder / "lm"
+    if vision == "clip_dual":
+        encoder = CLIPModel(CLIPConfig(vision_config=VISION_CONFIGS["clip"], text_config={
+            "hidden_size": 24, "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "vocab_size": 64, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}))
+        CLIPImageProcessorPil(image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.2, 0.2]).save_pretrained(vision_dir)
+    else:
+        encoder = Dinov2Model(Dinov2Config(hidden_size=24, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
+                                           image_size=32, patch_size=8))
+    encoder.save_pretrained(vision_dir)
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=290, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>")
+    tokenizer.save_pretrained(lm_dir)
+    lm_config = AutoConfig.for_model(text, **{**TEXT_CONFIG, "vocab_size": len(tokenizer)}, tie_word_embeddings=tie,
+                                     pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    AutoModelForCausalLM.from_config(lm_config).save_pretrained(lm_dir)
+    return vision_dir, lm_dir
+
+
+@pytest.mark.parametrize("text,vision,tie", [("llama", "clip_dual", False), ("qwen2", "dinov2", True)])
+@pytest.mark.parametrize("router_type", ROUTER_TYPES)
+def test_composed_model_reproduces_the_lm_on_text_and_the_encoder_on_images(tmp_path, text, vision, tie, router_type):
+    script = load_script("compose")
+    vision_dir, lm_dir = save_parts(tmp_path, text, vision, tie)
+    args = script.build_parser().parse_args(["--vision", str(vision_dir), "--language_model", str(lm_dir),
+                                             "--output", str(tmp_path / "out"), "--router_type", router_type,
+                                             "--sparse_layers", "all", "--num_shared_experts", "1"])
+    model, processor, lm, encoder, old_vocab = script.compose(args)
+    checks = script.check_against_parts(model, lm, encoder, old_vocab, exact=True)
+    assert float(checks["max abs text logit difference vs LM"]) < 1e-5
+    assert float(checks["max abs feature difference vs encoder"]) < 1e-5
+    # The tokenizer gained the image token; the embedding matrix grew by one row set to the mean of the others.
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_id == old_vocab
+    assert model.config.text_config.vocab_size == old_vocab + 1
+    embeddings = model.get_input_embeddings().weight
+    torch.testing.assert_close(embeddings[old_vocab], lm.get_input_embeddings().weight.mean(0))
+    assert (model.lm_head.weight is embeddings) == tie
+    prompt = processor(text=["<image>a red circle"], images=[torch.rand(3, 32, 32)], return_tensors="pt")
+    assert int((prompt["input_ids"] == old_vocab).sum()) == model.config.image_seq_length
+    with torch.no_grad():
+        assert torch.isfinite(model(**prompt).logits).all()
+
+
+@pytest.mark.slow
+def test_compose_script_end_to_end_and_its_errors(tmp_path):
+    vision_dir, lm_dir = save_parts(tmp_path)
+    output = tmp_path / "composed"
+    command = [sys.executable, str(ROOT / "conversion" / "compose.py"), "--vision", str(vision_dir),
+               "--language_model", str(lm_dir), "--output", str(output), "--per_expert_layout"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"image token\s+'<image>' = id \d+", result.stdout)
+    model = SparseMoEVLMForConditionalGeneration.from_pretrained(output)
+    assert list(SparseMoEVLMProcessor.from_pretrained(output).image_processor.image_mean) == [0.5, 0.4, 0.3]
+    assert model.config.text_config.mlp_layer_types == ["dense", "sparse", "dense"]
+    # Rerunning without --overwrite refuses and leaves the checkpoint alone.
+    before = sorted(p.name for p in output.iterdir())
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 1 and "not empty; pass --overwrite" in again.stderr
+    assert sorted(p.name for p in output.iterdir()) == before
+
+    script = load_script("compose")
+    gpt2 = tmp_path / "gpt2"
+    AutoModelForCausalLM.from_config(__import__("transformers").GPT2Config(
+        n_embd=32, n_layer=1, n_head=2, vocab_size=64)).save_pretrained(gpt2)
+    assert script.main(["--vision", str(vision_dir), "--language_model", str(gpt2),
+                        "--output", str(tmp_path / "never")]) == 1
+    assert not (tmp_path / "never").exists()

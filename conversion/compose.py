@@ -1,0 +1,228 @@
+#!/usr/bin/env python
+# Copyright 2026 The hf_sparsemoe_vlm authors.
+# Licensed under the Apache License, Version 2.0.
+"""Compose a SparseMoE-VLM from separately pretrained parts: a vision encoder + a Llama-family causal LM + a new
+projector.
+
+The vision folder may hold any in-library vision model the SparseMoE-VLM config supports (CLIP / SigLIP vision
+models or their dual text-image checkpoints, DINOv2, ViT, ConvNeXt, ResNet). The LM folder holds a Llama, Mistral or
+Qwen2 causal LM with its tokenizer. The LM's MLPs in the selected layers are upcycled into image and text expert
+groups, the tokenizer gets an `<image>` token (embeddings and LM head grow by the new rows, initialised to the mean
+of the existing ones) and the projector is freshly initialised, so the result is ready for projector pre-training
+(`sparsemoe-vlm train --model_name_or_path <output> --training_stage projector`).
+
+With `--noise_std 0` the composed model reproduces the LM on text (logits over the LM's vocabulary, max abs
+difference < 1e-5) and the vision encoder's features; the script checks both on the written checkpoint.
+
+Example:
+    python conversion/compose.py --vision openai/clip-vit-base-patch32 --language_model Qwen/Qwen2-0.5B \\
+        --output clip-qwen2-moe --sparse_layers every_other --num_experts 4 --num_image_experts 4
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+IMAGE_TOKEN = "<image>"
+TOLERANCE = 1e-5
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from hf_sparsemoe_vlm.upcycling import add_output_arguments, add_upcycling_arguments
+
+    parser = argparse.ArgumentParser(prog="compose.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vision", required=True, help="Folder of a pretrained vision encoder (+ image processor).")
+    parser.add_argument("--language_model", required=True, help="Folder of a Llama-family causal LM + tokenizer.")
+    parser.add_argument("--image_size", type=int, default=None,
+                        help="Input resolution (default: the encoder's image_size, 224 if it has none).")
+    parser.add_argument("--vision_feature_layer", type=int, default=-1,
+                        help="Hidden state of the encoder used as image features (LLaVA uses -2).")
+    parser.add_argument("--vision_feature_select_strategy", choices=("default", "full"), default="default",
+                        help="default: drop class/register tokens; full: keep them.")
+    parser.add_argument("--projector_hidden_act", default="gelu")
+    parser.add_argument("--base_model", default=None,
+                        help="Hub id of the language model, recorded as `base_model` in the model card.")
+    add_upcycling_arguments(parser)
+    add_output_arguments(parser)
+    return parser
+
+
+def vision_config_of(config):
+    """The vision sub-config of a dual (CLIP / SigLIP) config, or the config itself."""
+    return getattr(config, "vision_config", None) or config
+
+
+def check_inputs(vision_dir: Path, lm_dir: Path):
+    """Validate both folders from their configs, before loading any weight."""
+    from transformers import AutoConfig
+
+    from hf_sparsemoe_vlm.upcycling import SUPPORTED_TEXT_MODEL_TYPES
+
+    for name, folder in (("--vision", vision_dir), ("--language_model", lm_dir)):
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"{name} {folder} has no config.json; pass a saved model folder.")
+    lm_config = AutoConfig.from_pretrained(lm_dir)
+    if lm_config.model_type not in SUPPORTED_TEXT_MODEL_TYPES:
+        raise ValueError(f"--language_model holds a {lm_config.model_type!r} model; supported: "
+                         f"{SUPPORTED_TEXT_MODEL_TYPES}.")
+    vision_config = vision_config_of(AutoConfig.from_pretrained(vision_dir))
+    return vision_config, lm_config
+
+
+def vision_half(model):
+    """The vision model of a dual text-image checkpoint (CLIP, SigLIP), or the model itself."""
+    return model.vision_model if hasattr(model, "vision_model") and hasattr(model, "text_model") else model
+
+
+def load_vision_weights(tower, vision_dir: Path):
+    """Copy the encoder's weights into `tower` (built from the same config) and return the loaded encoder. Pooling
+    heads the VLM never uses are left out; anything missing or not fitting raises."""
+    from transformers import AutoModel
+
+    encoder = vision_half(AutoModel.from_pretrained(vision_dir, dtype=torch.float32)).eval()
+    state, target = encoder.state_dict(), tower.state_dict()
+    missing = sorted(set(target) - set(state))
+    if missing:
+        raise ValueError(f"The vision encoder in {vision_dir} lacks weights the tower needs: {missing[:5]}.")
+    unused = sorted(k for k in set(state) - set(target) if not k.startswith(("head.", "pooler.")))
+    if unused:
+        raise ValueError(f"Weights of the vision encoder in {vision_dir} do not fit the tower: {unused[:5]}.")
+    tower.load_state_dict({k: state[k] for k in target})
+    return encoder
+
+
+def compose(args):
+    """Build the composed model, its processor, and the LM / encoder used to check it."""
+    from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
+
+    from hf_sparsemoe_vlm import (
+        SparseMoEVLMConfig,
+        SparseMoEVLMForConditionalGeneration,
+        SparseMoEVLMImageProcessor,
+        SparseMoEVLMProcessor,
+    )
+    from hf_sparsemoe_vlm.upcycling import sparse_text_config_from_dense, upcycle_decoder_state_dict, upcycling_options
+
+    vision_dir, lm_dir = Path(args.vision), Path(args.language_model)
+    vision_config, lm_config = check_inputs(vision_dir, lm_dir)
+    tokenizer = AutoTokenizer.from_pretrained(lm_dir)
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    lm = AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32).eval()
+    old_vocab = lm.config.vocab_size
+    vocab_size = max(old_vocab, len(tokenizer))
+
+    text_config = sparse_text_config_from_dense(lm_config, **upcycling_options(args))
+    text_config.vocab_size = vocab_size
+    image_size = args.image_size or getattr(vision_config, "image_size", None) or 224
+    config = SparseMoEVLMConfig(
+        vision_config=vision_config.to_dict(), text_config=text_config, image_token_id=image_token_id,
+        image_size=image_size, projector_hidden_act=args.projector_hidden_act,
+        vision_feature_layer=args.vision_feature_layer,
+        vision_feature_select_strategy=args.vision_feature_select_strategy,
+        tie_word_embeddings=text_config.tie_word_embeddings,
+    )
+    torch.manual_seed(args.seed)
+    model = SparseMoEVLMForConditionalGeneration(config)  # projector keeps its fresh initialisation
+
+    lm_state = lm.state_dict()
+    decoder = upcycle_decoder_state_dict({k[len("model."):]: v for k, v in lm_state.items() if k.startswith("model.")},
+                                         text_config, noise_std=args.noise_std, seed=args.seed)
+    lm_head = lm_state.get("lm_head.weight", decoder["embed_tokens.weight"])
+    if vocab_size > old_vocab:  # new rows (the image token) start at the mean of the existing ones
+        grow = vocab_size - old_vocab
+        decoder["embed_tokens.weight"] = torch.cat(
+            [decoder["embed_tokens.weight"], decoder["embed_tokens.weight"].mean(0, keepdim=True).repeat(grow, 1)])
+        lm_head = torch.cat([lm_head, lm_head.mean(0, keepdim=True).repeat(grow, 1)])
+    missing, unexpected = model.model.language_model.load_state_dict(decoder, strict=False)
+    missing = [k for k in missing if not k.endswith("laplace_inv_scale")]
+    if missing or unexpected:
+        raise ValueError(f"Decoder weights do not match: missing {missing[:5]}, unexpected {unexpected[:5]}.")
+    if not config.tie_word_embeddings:
+        model.lm_head.weight.data.copy_(lm_head)
+    encoder = load_vision_weights(model.model.vision_tower, vision_dir)
+    model.eval()
+
+    try:
+        source_processor = AutoImageProcessor.from_pretrained(vision_dir)
+        normalisation = {"image_mean": list(source_processor.image_mean), "image_std": list(source_processor.image_std)}
+    except (OSError, ValueError, AttributeError):  # no image processor saved: use the tower family's defaults
+        normalisation = {}
+    image_processor = SparseMoEVLMImageProcessor.from_model_config(config, **normalisation)
+    processor = SparseMoEVLMProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_length=config.image_seq_length,
+        max_position_embeddings=text_config.max_position_embeddings,
+        chat_template=getattr(tokenizer, "chat_template", None))
+    return model, processor, lm, encoder, old_vocab
+
+
+def check_against_parts(model, lm, encoder, old_vocab: int, exact: bool) -> dict[str, str]:
+    """Text logits against the LM (over its vocabulary) and image features against the encoder."""
+    from hf_sparsemoe_vlm.upcycling import verification_inputs
+
+    inputs = verification_inputs(model.config)
+    text_ids = inputs["input_ids"][:, model.config.image_seq_length:]
+    with torch.no_grad():
+        composed = model(input_ids=text_ids).logits[..., :old_vocab]
+        text_difference = (composed - lm(input_ids=text_ids).logits).abs().max().item()
+        reference = encoder(inputs["pixel_values"], output_hidden_states=True).hidden_states
+        ours = model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True).hidden_states
+        layer = model.config.vision_feature_layer
+        vision_difference = (reference[layer] - ours[layer]).abs().max().item()
+    if exact and text_difference >= TOLERANCE:
+        raise RuntimeError(f"The composed model's text logits differ from the LM's by {text_difference:.3g}.")
+    if vision_difference >= TOLERANCE:
+        raise RuntimeError(f"The composed vision tower's features differ from the encoder's by {vision_difference:.3g}.")
+    return {"max abs text logit difference vs LM": f"{text_difference:.2e}",
+            "max abs feature difference vs encoder": f"{vision_difference:.2e}"}
+
+
+def convert(argv: list[str] | None = None) -> Path:
+    from hf_sparsemoe_vlm.upcycling import check_output_dir, parameter_summary, write_converted_checkpoint
+
+    args = build_parser().parse_args(argv)
+    started = time.time()
+    output_dir = check_output_dir(args.output, args.overwrite)
+    model, processor, lm, encoder, old_vocab = compose(args)
+    checks: dict[str, str] = {}
+
+    def verify(reloaded) -> None:
+        checks.update(check_against_parts(reloaded, lm, encoder, old_vocab, exact=args.noise_std == 0))
+
+    conversion = (f"composed from the vision encoder `{args.vision}` and the language model `{args.language_model}` "
+                  f"(layers {model.config.text_config.sparse_layer_indices} upcycled; new projector)")
+    write_converted_checkpoint(
+        model, processor, output_dir, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
+        per_expert_layout=args.per_expert_layout, verify=verify,
+        card_kwargs={"model_id": args.model_id or output_dir.resolve().name, "base_model": args.base_model,
+                     "conversion": conversion},
+        conversion_info={"base_model": args.base_model, "method": conversion, "vision": args.vision,
+                         "language_model": args.language_model, "noise_std": args.noise_std, "seed": args.seed})
+    print(parameter_summary(model, f"Composed {args.vision} + {args.language_model} -> {output_dir}", [
+        ("vision encoder", f"{model.config.vision_config.model_type}, {model.config.image_seq_length} image tokens"),
+        ("language model", f"{lm.config.model_type}, vocabulary {old_vocab} -> {model.config.text_config.vocab_size}"),
+        ("image token", f"{processor.image_token!r} = id {model.config.image_token_id}"),
+        *checks.items(),
+        ("layout", "per-expert tensors" if args.per_expert_layout else "fused expert tensors"),
+        ("time", f"{time.time() - started:.1f} s"),
+    ]))
+    return output_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        convert(argv)
+    except (ValueError, KeyError, RuntimeError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
