@@ -207,8 +207,8 @@ def build_model_card(
         training_summary = (
             f"Fine-tuned with `sparsemoe-vlm train` (Transformers `Trainer`) on "
             f"{'the embedded synthetic shapes set' if synthetic else '`' + str(data_args.get('dataset')) + '`'}"
-            + (f" ({data_args.get('num_train_examples'):,} generated training examples at "
-               f"{data_args.get('image_size')} px)" if synthetic else "")
+            + (f" ({data_args['num_train_examples']:,} generated training examples at "
+               f"{data_args.get('image_size', '?')} px)" if synthetic and data_args.get("num_train_examples") else "")
             + (f", starting from `{model_args['model_name_or_path']}`" if model_args.get("model_name_or_path") else
                f", from the `{model_args.get('preset')}` preset with a freshly trained tokenizer") + "."
         )

@@ -462,3 +462,73 @@ def test_error_shapes_and_range_requests_over_raw_http(hub_server):
     assert _http(hub_server, "POST", "/api/models/org/raw/commit/main", auth, commit + lfs)[0] == 400
     assert hub_server.head("org/raw") == head  # none of these commits landed
     assert not hub_server.errors
+
+
+def _training_folder(folder: Path) -> None:
+    """A saved tiny model + processor with the files a `sparsemoe-vlm train` run leaves (metrics, settings, plot)."""
+    from hf_sparsemoe_vlm.model_card import write_model_card
+    from hf_sparsemoe_vlm.training import plot_expert_load
+
+    from tiny_models import make_processor_and_model
+
+    processor, model = make_processor_and_model()
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    (folder / "metrics.json").write_text(json.dumps({"test_exact_match": 0.75, "train_minutes": 1.0}))
+    (folder / "run_args.json").write_text(json.dumps({"model": {"preset": "tiny"}, "data": {"dataset": "synthetic"},
+                                                      "training": {}}))
+    plot_expert_load({"text": torch.ones(2, 4), "image": torch.ones(2, 2)}, folder / "expert_load.png")
+    write_model_card(model, folder, model_id="local-run")
+
+
+@pytest.mark.slow
+def test_push_command_uploads_model_processor_card_and_plot_in_one_commit(hub_server, tmp_path):
+    folder = tmp_path / "run"
+    _training_folder(folder)
+    result = run_client(hub_server, tmp_path / "hf_home", f"""
+        from hf_sparsemoe_vlm.cli import main
+        raise SystemExit(main(["push", {str(folder)!r}, "org/pushed-run"]))
+    """)
+    assert "Pushed" in result.stdout and "org/pushed-run" in result.stdout
+    files = hub_server.files("org/pushed-run")
+    for name in ("model.safetensors", "config.json", "processor_config.json", "tokenizer.json", "README.md",
+                 "expert_load.png", "modeling_sparsemoe_vlm.py", "configuration_sparsemoe_vlm.py"):
+        assert name in files, name
+    assert files["expert_load.png"] == (folder / "expert_load.png").read_bytes()
+    assert "metrics.json" not in files  # run bookkeeping stays local; its numbers are in the card
+    # The card is regenerated for the repository id and keeps the run's results.
+    card = files["README.md"].decode()
+    assert 'from_pretrained("org/pushed-run", trust_remote_code=True)' in card and "local-run" not in card
+    assert "value: 0.75" in card and "(expert_load.png)" in card, card
+    commits = [(method, path) for method, path, status in hub_server.requests
+               if method == "POST" and "/commit/" in path and "pushed-run" in path and status == 200]
+    assert len(commits) == 1
+    # The pushed repo loads by id with remote code and gives the folder's logits.
+    run_client(hub_server, tmp_path / "hf_home2", f"""
+        import torch
+        from transformers import AutoModelForImageTextToText
+        local = AutoModelForImageTextToText.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        hub = AutoModelForImageTextToText.from_pretrained("org/pushed-run", trust_remote_code=True)
+        ids = torch.tensor([[1, 5, 6, 7]])
+        torch.testing.assert_close(hub(input_ids=ids).logits, local(input_ids=ids).logits, rtol=0, atol=1e-6)
+    """)
+
+
+@pytest.mark.slow
+def test_push_command_refuses_a_folder_that_does_not_load(hub_server, tmp_path):
+    folder = tmp_path / "run"
+    _training_folder(folder)
+    (folder / "model.safetensors").write_bytes(b"truncated")
+    script = f"""
+        from hf_sparsemoe_vlm.cli import main
+        try:
+            main(["push", {str(folder)!r}, "org/never-created"])
+        except SystemExit as error:
+            print("EXIT:", error)
+    """
+    result = run_client(hub_server, tmp_path / "hf_home", script)
+    assert "Refusing to upload" in result.stdout and "it does not load" in result.stdout
+    assert "org/never-created" not in hub_server.repos
+    (folder / "README.md").unlink()
+    result = run_client(hub_server, tmp_path / "hf_home", script.replace(str(folder), str(tmp_path / "empty")))
+    assert "no config.json there" in result.stdout
