@@ -185,7 +185,9 @@ class SparseMoEVLMRouter(nn.Module):
             hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(
                 1.0 - self.jitter_noise, 1.0 + self.jitter_noise
             )
-        router_logits = F.linear(hidden_states, self.weight, self.bias).float()
+        # Routing decisions in float32 whatever the model dtype (bf16 logits tie and flip experts).
+        bias = self.bias.float() if self.bias is not None else None
+        router_logits = F.linear(hidden_states.float(), self.weight.float(), bias)
         if self.router_type == "relu":
             return router_logits, F.relu(router_logits)
 

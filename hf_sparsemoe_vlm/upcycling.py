@@ -32,8 +32,8 @@ _COPIED_TEXT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_at
 
 
 def parse_layer_selection(selection: str | list[int], num_layers: int) -> list[int]:
-    """Layers to make sparse: `"all"`, `"every_other"` (1, 3, 5, ...: MoE-LLaVA's choice), `"every_other_even"`
-    (0, 2, 4, ...) or a comma-separated list / list of indices (negative indices count from the end)."""
+    """Layers to make sparse: `"all"`, `"every_other"` (1, 3, 5, ...), `"every_other_even"` (0, 2, 4, ...:
+    MoE-LLaVA's `sparse` mode) or a comma-separated list / list of indices (negative indices count from the end)."""
     if isinstance(selection, str):
         name = selection.strip().lower()
         if name == "all":
