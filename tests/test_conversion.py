@@ -285,3 +285,23 @@ def test_compose_script_end_to_end_and_its_errors(tmp_path):
     assert script.main(["--vision", str(vision_dir), "--language_model", str(gpt2),
                         "--output", str(tmp_path / "never")]) == 1
     assert not (tmp_path / "never").exists()
+
+
+def test_an_interrupted_write_leaves_no_checkpoint(tmp_path, monkeypatch):
+    from hf_sparsemoe_vlm.upcycling import write_converted_checkpoint
+
+    llava = save_llava(tmp_path / "llava")
+    model = upcycle_llava(llava)
+    processor = load_script("upcycle_llava").processor_from_llava(LlavaProcessor.from_pretrained(tmp_path / "llava"),
+                                                                  model.config)
+    written = []
+
+    def interrupted_save(self, folder, *args, **kwargs):  # Ctrl-C after the weights, before the processor
+        written.extend(p.name for p in Path(folder).iterdir())
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(processor), "save_pretrained", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        write_converted_checkpoint(model, processor, tmp_path / "out")
+    assert "model.safetensors" in written  # the weights had been written (to the hidden staging folder) ...
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))  # ... and are gone
