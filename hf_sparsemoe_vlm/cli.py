@@ -54,6 +54,11 @@ class DataArguments:
     image_size: int = field(default=64, metadata={"help": "Side of the synthetic images (pixels)."})
     question_types: str = field(default=",".join(QUESTION_TYPES),
                                 metadata={"help": "Comma-separated synthetic question types."})
+    num_single_shape_first: int = field(default=0, metadata={
+        "help": "Synthetic curriculum: this many single-shape examples come first and the run keeps the data's "
+                "order (train_sampling_strategy=sequential); 0 = off."})
+    image_after_question: bool = field(default=False, metadata={
+        "help": "Put the image after the question in the user turn, so that image tokens attend to the question."})
     max_new_tokens: int = field(default=24, metadata={"help": "Generation length for evaluation and answers."})
     num_demo_answers: int = field(default=5, metadata={"help": "Test questions answered and printed at the end."})
 
@@ -94,7 +99,8 @@ def _load_data(data_args: DataArguments, seed: int):
         question_types = tuple(t.strip() for t in data_args.question_types.split(",") if t.strip())
         return make_synthetic_dataset(data_args.num_train_examples, data_args.num_validation_examples,
                                       data_args.num_test_examples, seed=data_args.synthetic_seed,
-                                      image_size=data_args.image_size, question_types=question_types)
+                                      image_size=data_args.image_size, question_types=question_types,
+                                      num_single_shape_first=data_args.num_single_shape_first)
     return load_vlm_dataset(data_args.dataset, data_args.image_column, data_args.question_column,
                             data_args.answer_column, seed=seed)
 
@@ -192,7 +198,12 @@ def train(argv: list[str]) -> dict[str, float]:
     print(f"model: {counts['total']:,} parameters, {counts['trainable']:,} trainable "
           f"(stage {model_args.training_stage}); router {model.config.text_config.router_type}", flush=True)
 
-    collator = VLMDataCollator(processor)
+    if data_args.num_single_shape_first > 0:
+        if data_args.dataset != "synthetic":
+            raise ValueError("--num_single_shape_first is a curriculum of the synthetic data; set it to 0 with "
+                             f"--dataset {data_args.dataset}.")
+        training_args.train_sampling_strategy = "sequential"  # the curriculum is the data's order
+    collator = VLMDataCollator(processor, image_after_question=data_args.image_after_question)
     trainer = SparseMoEVLMTrainer(
         model=model, args=training_args, train_dataset=dataset["train"], eval_dataset=dataset["validation"],
         data_collator=collator, processing_class=processor, generation_collator=collator,

@@ -269,6 +269,10 @@ class SparseMoEVLMConfig(PreTrainedConfig):
             `"default"` drops the class/register tokens of transformer towers, `"full"` keeps them.
         multimodal_projector_bias (`bool`, *optional*, defaults to `True`):
             Whether the projector linears have biases.
+        image_position_embeddings (`bool`, *optional*, defaults to `False`):
+            Add a learned embedding per image token position after the projector. Convolutional towers give
+            features without absolute position and the decoder's 1D rotary positions hide the 2D layout; this
+            gives every image token its place in the grid.
         tie_word_embeddings (`bool`, *optional*, defaults to `False`):
             Whether the LM head shares the input embedding matrix.
 
@@ -299,6 +303,7 @@ class SparseMoEVLMConfig(PreTrainedConfig):
     vision_feature_layer: int = -1
     vision_feature_select_strategy: str = "default"
     multimodal_projector_bias: bool = True
+    image_position_embeddings: bool = False
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):

@@ -349,6 +349,8 @@ class SparseMoEVLMPreTrainedModel(PreTrainedModel):
         if isinstance(module, SparseMoEVLMExperts):
             init.normal_(module.gate_up_proj, mean=0.0, std=std)
             init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, SparseMoEVLMMultiModalProjector) and module.position_embedding is not None:
+            init.normal_(module.position_embedding, mean=0.0, std=std)
         elif isinstance(module, SparseMoEVLMRouter):
             init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
@@ -434,9 +436,16 @@ class SparseMoEVLMMultiModalProjector(nn.Module):
         self.linear_1 = nn.Linear(config.vision_feature_size, hidden_size, bias=config.multimodal_projector_bias)
         self.act = ACT2FN[config.projector_hidden_act]
         self.linear_2 = nn.Linear(hidden_size, hidden_size, bias=config.multimodal_projector_bias)
+        self.position_embedding = (
+            nn.Parameter(torch.empty(config.image_seq_length, hidden_size)) if config.image_position_embeddings
+            else None
+        )
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act(self.linear_1(image_features)))
+        projected = self.linear_2(self.act(self.linear_1(image_features)))
+        if self.position_embedding is not None:
+            projected = projected + self.position_embedding.to(projected.dtype)
+        return projected
 
 
 class SparseMoEVLMModel(SparseMoEVLMPreTrainedModel):

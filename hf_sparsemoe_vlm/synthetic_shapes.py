@@ -96,16 +96,23 @@ def make_question(rng: random.Random, shapes: list[PlacedShape], kind: str) -> t
 
 
 def generate_examples(num_examples: int, seed: int, image_size: int = 48,
-                      question_types: tuple[str, ...] = QUESTION_TYPES) -> dict[str, list]:
-    """Columns `image` (PIL), `question`, `answer`, `question_type`, `caption`, deterministic in `seed`."""
+                      question_types: tuple[str, ...] = QUESTION_TYPES, max_shapes: int = 3) -> dict[str, list]:
+    """Columns `image` (PIL), `question`, `answer`, `question_type`, `caption`, deterministic in `seed`. Images hold
+    1 to `max_shapes` shapes (position questions need two, so `max_shapes=1` leaves them out)."""
     unknown = [kind for kind in question_types if kind not in QUESTION_TYPES]
     if unknown:
         raise ValueError(f"Unknown question types {unknown}; expected a subset of {QUESTION_TYPES}.")
+    if not 1 <= max_shapes <= len(SHAPES):
+        raise ValueError(f"`max_shapes` must be in [1, {len(SHAPES)}], got {max_shapes}.")
+    if max_shapes == 1:
+        question_types = tuple(kind for kind in question_types if kind != "position")
+        if not question_types:
+            raise ValueError("Position questions need two shapes; `max_shapes=1` leaves no question type.")
     rng = random.Random(seed)
     columns = {"image": [], "question": [], "answer": [], "question_type": [], "caption": []}
     for _ in range(num_examples):
         kind = rng.choice(question_types)
-        count = rng.randint(2 if kind == "position" else 1, 3)
+        count = rng.randint(2 if kind == "position" else 1, max_shapes)
         shapes = _place(rng, count, image_size)
         question, answer = make_question(rng, shapes, kind)
         columns["image"].append(draw_shapes(shapes, image_size))
@@ -117,9 +124,15 @@ def generate_examples(num_examples: int, seed: int, image_size: int = 48,
 
 
 def make_synthetic_dataset(num_train: int = 6000, num_validation: int = 300, num_test: int = 300, seed: int = 0,
-                           image_size: int = 48, question_types: tuple[str, ...] = QUESTION_TYPES):
+                           image_size: int = 48, question_types: tuple[str, ...] = QUESTION_TYPES,
+                           num_single_shape_first: int = 0):
     """The synthetic shapes VQA / captioning dataset as a `datasets.DatasetDict` (train / validation / test, each
-    from its own seed) with an `Image` column."""
+    from its own seed) with an `Image` column.
+
+    `num_single_shape_first` > 0 makes a curriculum: the training split starts with that many single-shape examples
+    (shape and colour identity without having to find the object the question is about), followed by `num_train`
+    examples of the full task. Train on it in order (`TrainingArguments(train_sampling_strategy="sequential")`); the
+    examples are independent draws, so order within each part is already random."""
     from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
     from datasets import Image as ImageFeature
 
@@ -131,6 +144,10 @@ def make_synthetic_dataset(num_train: int = 6000, num_validation: int = 300, num
     for offset, (name, size) in enumerate((("train", num_train), ("validation", num_validation), ("test", num_test))):
         columns = generate_examples(size, seed=seed * 1000 + offset, image_size=image_size,
                                     question_types=question_types)
+        if name == "train" and num_single_shape_first > 0:
+            first = generate_examples(num_single_shape_first, seed=seed * 1000 + 999, image_size=image_size,
+                                      question_types=question_types, max_shapes=1)
+            columns = {key: first[key] + columns[key] for key in columns}
         columns["question_type"] = [QUESTION_TYPES.index(kind) for kind in columns["question_type"]]
         splits[name] = Dataset.from_dict(columns, features=features)
     return DatasetDict(splits)

@@ -110,17 +110,18 @@ def apply_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.0,
 class VLMDataCollator:
     """Turns rows with an image, a question and an answer into a training batch.
 
-    Each row becomes the chat `user: <image> question / assistant: answer`, rendered with the processor's chat
-    template. Labels are the input ids on the assistant's answer (and its end token) and -100 everywhere else:
+    Each row becomes the chat `user: <image> question / assistant: answer` (`user: question <image>` with
+    `image_after_question`), rendered with the processor's chat template. Labels are the input ids on the assistant's answer (and its end token) and -100 everywhere else:
     padding, image tokens, the prompt. Position ids count real tokens only, as `generate()` does with left padding.
     """
 
     def __init__(self, processor: SparseMoEVLMProcessor, image_column: str = "image",
-                 question_column: str = "question", answer_column: str = "answer"):
+                 question_column: str = "question", answer_column: str = "answer", image_after_question: bool = False):
         self.processor = processor
         self.image_column = image_column
         self.question_column = question_column
         self.answer_column = answer_column
+        self.image_after_question = image_after_question
 
     def conversation(self, row: dict, with_answer: bool = True) -> list[dict]:
         """The row as chat messages; without the answer it ends before the last assistant turn."""
@@ -132,8 +133,11 @@ class VLMDataCollator:
                 last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
                 messages = messages[:last]
             return messages
-        messages = [{"role": "user", "content": [{"type": "image", "image": row[self.image_column]},
-                                                 {"type": "text", "text": row[self.question_column]}]}]
+        content = [{"type": "image", "image": row[self.image_column]},
+                   {"type": "text", "text": row[self.question_column]}]
+        if self.image_after_question:  # the image tokens then attend to the question (causal attention)
+            content.reverse()
+        messages = [{"role": "user", "content": content}]
         if with_answer:
             messages.append({"role": "assistant", "content": [{"type": "text", "text": row[self.answer_column]}]})
         return messages

@@ -356,3 +356,25 @@ def test_routing_stats_during_cached_decoding_count_the_new_tokens_only():
     assert step.routing_stats["text/tokens_per_expert"].sum() == 2 * 2 * 2
     torch.testing.assert_close(step.routing_stats["text/experts_per_token"], torch.tensor(2.0))
     assert torch.isfinite(step.aux_loss)
+
+
+def test_image_position_embeddings_are_added_to_each_image_token():
+    from hf_sparsemoe_vlm import SparseMoEVLMForConditionalGeneration
+
+    from tiny_models import make_config
+
+    config = make_config("resnet")
+    config.image_position_embeddings = True
+    torch.manual_seed(0)
+    model = SparseMoEVLMForConditionalGeneration(config).eval()
+    projector = model.model.multi_modal_projector
+    assert projector.position_embedding.shape == (config.image_seq_length, config.text_config.hidden_size)
+    assert 0 < projector.position_embedding.std() < 0.05  # initialised like the other weights (std 0.02)
+    pixel_values = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        with_positions = model.model.get_image_features(pixel_values).pooler_output
+        offset = torch.arange(config.image_seq_length, dtype=torch.float)[:, None].expand_as(projector.position_embedding)
+        projector.position_embedding.add_(offset)
+        shifted = model.model.get_image_features(pixel_values).pooler_output
+    torch.testing.assert_close(shifted - with_positions, offset.expand(2, -1, -1))
+    assert make_model("resnet").model.multi_modal_projector.position_embedding is None

@@ -52,3 +52,20 @@ def test_question_types_can_be_chosen_and_unknown_ones_are_rejected():
     with pytest.raises(ValueError, match="Unknown question types"):
         generate_examples(3, seed=0, question_types=("colour", "texture"))
     assert QUESTION_TYPES == ("colour", "shape", "count", "position", "caption")
+
+
+def test_single_shape_curriculum_comes_first_in_the_training_split():
+    data = make_synthetic_dataset(30, 4, 4, seed=2, num_single_shape_first=20)
+    train = data["train"]
+    assert len(train) == 50 and len(data["validation"]) == 4
+    first, rest = train.select(range(20)), train.select(range(20, 50))
+    assert all(" and " not in caption for caption in first["caption"])  # one shape each
+    assert QUESTION_TYPES.index("position") not in set(first["question_type"])  # position needs two shapes
+    # The full task follows, unchanged by the curriculum (same draws as without it).
+    plain = make_synthetic_dataset(30, 4, 4, seed=2)["train"]
+    assert rest["question"] == plain["question"] and rest["caption"] == plain["caption"]
+    assert make_synthetic_dataset(30, 4, 4, seed=2, num_single_shape_first=20)["train"]["caption"] == train["caption"]
+    with pytest.raises(ValueError, match="leaves no question type"):
+        generate_examples(3, seed=0, question_types=("position",), max_shapes=1)
+    with pytest.raises(ValueError, match="max_shapes"):
+        generate_examples(3, seed=0, max_shapes=4)

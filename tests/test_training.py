@@ -222,3 +222,34 @@ def test_standard_trainer_flags_bf16_accumulation_checkpointing_eval_and_tensorb
     assert scalars["train/loss"] == pytest.approx(losses, rel=1e-6)
     assert len(scalars["train/routing/text/load_entropy"]) == 4 and "eval/exact_match" in scalars
     assert json.loads((output / "run_args.json").read_text())["training"]["precision"] == "bf16"
+
+
+def test_collator_can_put_the_image_after_the_question():
+    processor, _ = make_processor_and_model()
+    before = VLMDataCollator(processor)(ROWS[:1])
+    after = VLMDataCollator(processor, image_after_question=True)(ROWS[:1])
+    tokenizer = processor.tokenizer
+    question_ids = tokenizer(ROWS[0]["question"], add_special_tokens=False)["input_ids"]
+
+    def first_index(ids, sub):
+        ids = ids.tolist()
+        return next(i for i in range(len(ids)) if ids[i:i + len(sub)] == sub)
+
+    image_at = {name: int((batch["input_ids"][0] == processor.image_token_id).nonzero()[0])
+                for name, batch in (("before", before), ("after", after))}
+    assert image_at["before"] < first_index(before["input_ids"][0], question_ids)
+    assert image_at["after"] > first_index(after["input_ids"][0], question_ids)
+    # Same tokens, same learned answer; only the order in the user turn changes.
+    assert sorted(before["input_ids"][0].tolist()) == sorted(after["input_ids"][0].tolist())
+    assert tokenizer.decode(after["input_ids"][0][after["labels"][0] != -100]) == ROWS[0]["answer"] + "<|end|>"
+    prompt = VLMDataCollator(processor, image_after_question=True).prompts(ROWS[:1])["input_ids"][0]
+    assert int((prompt == processor.image_token_id).nonzero()[0]) > first_index(prompt, question_ids)
+
+
+def test_curriculum_needs_the_synthetic_data(tmp_path):
+    data = tmp_path / "data.jsonl"
+    PIL.Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    data.write_text(json.dumps({"image": "a.png", "question": "q?", "answer": "a"}) + "\n")
+    with pytest.raises(ValueError, match="--num_single_shape_first is a curriculum of the synthetic data"):
+        main(["train", "--dataset", str(data), "--num_single_shape_first", "10", "--output_dir", str(tmp_path / "o"),
+              "--max_steps", "1", "--use_cpu", "true"])
