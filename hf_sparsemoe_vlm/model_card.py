@@ -273,6 +273,7 @@ def build_model_card(
         architecture=architecture, parameters=parameters, training=training, training_summary=training_summary,
         evaluation=evaluation, evaluation_summary=evaluation_summary, routing=routing,
         expert_load_plot=expert_load_plot, example_question=example_question,
+        image_after_question=bool(data_args.get("image_after_question")),
         limitations=list(limitations or DEFAULT_LIMITATIONS), decoder_mlps=decoder_mlps,
     )
     # Optional sections leave runs of blank lines behind; Markdown needs at most one.

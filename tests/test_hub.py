@@ -503,6 +503,12 @@ def test_push_command_uploads_model_processor_card_and_plot_in_one_commit(hub_se
     commits = [(method, path) for method, path, status in hub_server.requests
                if method == "POST" and "/commit/" in path and "pushed-run" in path and status == 200]
     assert len(commits) == 1
+    # The card's usage snippets (Auto classes, pipeline) run as written against the pushed repo.
+    import PIL.Image
+
+    PIL.Image.new("RGB", (32, 32), (0, 0, 255)).save(tmp_path / "shapes.png")
+    blocks = card.split("```python\n")[1:3]
+    run_client(hub_server, tmp_path / "hf_home3", *(block.split("```")[0] for block in blocks))
     # The pushed repo loads by id with remote code and gives the folder's logits.
     run_client(hub_server, tmp_path / "hf_home2", f"""
         import torch
