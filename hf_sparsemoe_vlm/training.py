@@ -31,6 +31,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "image_token_id": BUILT_TOKENIZER_SPECIAL_TOKENS.index(IMAGE_TOKEN),  # the id `build_tokenizer` gives it
     },
 }
+# The same decoder on a small ResNet tower (8x8 feature map at 64 px): convolutions learn shape identity from
+# single-shape images within ~300 steps where the from-scratch ViT does not (benchmarks/RESULTS.md). Its BatchNorm
+# computes statistics per process under DDP (use SyncBatchNorm for single-process equivalence).
+PRESETS["tiny-resnet"] = {
+    **PRESETS["tiny"],
+    "vision_config": {"model_type": "resnet", "embedding_size": 32, "hidden_sizes": [48, 96], "depths": [1, 1],
+                      "layer_type": "basic", "downsample_in_first_stage": False},
+}
 
 TRAINING_STAGES = ("full", "projector", "dense", "moe")
 # LoRA targets: decoder attention projections (modules) and the fused expert tensors (parameters: PEFT wraps

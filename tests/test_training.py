@@ -99,6 +99,9 @@ def test_expert_load_plot_is_a_png(tmp_path):
 def test_presets():
     config = preset_config("tiny", router_type="relu")
     assert config.text_config.router_type == "relu" and config.image_seq_length > 0
+    resnet = preset_config("tiny-resnet")
+    assert resnet.vision_config.model_type == "resnet" and resnet.image_seq_length == 64  # 8x8 map at 64 px
+    assert resnet.text_config.to_dict() == preset_config("tiny").text_config.to_dict()  # same decoder
     with pytest.raises(ValueError, match="Unknown preset 'huge'"):
         preset_config("huge")
 
