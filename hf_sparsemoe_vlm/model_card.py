@@ -205,7 +205,8 @@ def build_model_card(
         settings = run_args.get("training", {})
         model_args = run_args.get("model", {})
         training_summary = (
-            f"Fine-tuned with `sparsemoe-vlm train` (Transformers `Trainer`) on "
+            f"{'Fine-tuned' if model_args.get('model_name_or_path') else 'Trained from scratch'} with "
+            f"`sparsemoe-vlm train` (Transformers `Trainer`) on "
             f"{'the embedded synthetic shapes set' if synthetic else '`' + str(data_args.get('dataset')) + '`'}"
             + (f" ({data_args['num_train_examples']:,} generated training examples at "
                f"{data_args.get('image_size', '?')} px)" if synthetic and data_args.get("num_train_examples") else "")
@@ -229,8 +230,9 @@ def build_model_card(
         if not isinstance(value, int | float) or key == "train_minutes":
             continue
         split, _, name = key.partition("_")
-        if split not in ("test", "validation"):
-            continue
+        if split not in ("test", "validation") or name in ("runtime", "samples_per_second", "steps_per_second",
+                                                            "epoch"):
+            continue  # Trainer's bookkeeping, not results
         evaluation.append((name, split, f"{value:.4f}" if isinstance(value, float) else value))
         if split == "test" and name in _EVAL_METRICS:
             task, metric_type, metric_name = _EVAL_METRICS[name]
