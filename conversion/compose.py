@@ -45,8 +45,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vision_feature_select_strategy", choices=("default", "full"), default="default",
                         help="default: drop class/register tokens; full: keep them.")
     parser.add_argument("--projector_hidden_act", default="gelu")
-    parser.add_argument("--base_model", default=None,
-                        help="Hub id of the language model, recorded as `base_model` in the model card.")
     add_upcycling_arguments(parser)
     add_output_arguments(parser)
     return parser
@@ -216,12 +214,9 @@ def convert(argv: list[str] | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        convert(argv)
-    except (ValueError, KeyError, RuntimeError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    from hf_sparsemoe_vlm.upcycling import run_conversion_script
+
+    return run_conversion_script(convert, argv)
 
 
 if __name__ == "__main__":

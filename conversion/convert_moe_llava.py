@@ -862,6 +862,8 @@ def convert(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from hf_sparsemoe_vlm.upcycling import add_output_arguments
+
     parser = argparse.ArgumentParser(
         prog="convert_moe_llava.py",
         description=(
@@ -876,12 +878,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--input", required=True, help="MoE-LLaVA checkpoint folder (config.json, weights, tokenizer).")
-    parser.add_argument("--output", required=True, help="Folder to write the SparseMoE-VLM checkpoint to.")
-    parser.add_argument("--overwrite", action="store_true", help="Replace the contents of a non-empty --output.")
-    parser.add_argument("--max_shard_size", default="5GB", help="Largest weight file to write.")
-    parser.add_argument("--per_expert_layout", action="store_true",
-                        help="Write one tensor per expert (..._moe.experts.<e>.gate_proj.weight) instead of the fused "
-                             "(E, 2I, H) / (E, H, I) tensors; both layouts load.")
+    add_output_arguments(parser)  # --output, --overwrite, --max_shard_size, --per_expert_layout, --model_id, ...
     parser.add_argument("--vision_tower", default=None,
                         help="Local folder of the CLIP model named by mm_image_tower (e.g. a download of "
                              "openai/clip-vit-large-patch14-336): its config.json describes the tower, its weights are "
@@ -898,10 +895,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--chat_template", default="moe-llava", choices=("moe-llava", "package"),
                         help="Processor chat template: MoE-LLaVA's 'SYSTEM USER: <image>\\n... ASSISTANT:' format, "
                              "or this package's <|user|> template.")
-    parser.add_argument("--base_model", default=None,
-                        help="Hub id of the source checkpoint for the model card (default: guessed from a Hub cache "
-                             "path, else none).")
-    parser.add_argument("--model_id", default=None, help="Hub id the model card's snippets load (default: output name).")
     return parser.parse_args(argv)
 
 

@@ -34,8 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="upcycle_llava.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, help="LlavaForConditionalGeneration folder (model + processor).")
-    parser.add_argument("--base_model", default=None,
-                        help="Hub id of the input, recorded as `base_model` in the model card.")
     add_upcycling_arguments(parser)
     add_output_arguments(parser)
     return parser
@@ -156,12 +154,9 @@ def convert(argv: list[str] | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        convert(argv)
-    except (ValueError, KeyError, RuntimeError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    from hf_sparsemoe_vlm.upcycling import run_conversion_script
+
+    return run_conversion_script(convert, argv)
 
 
 if __name__ == "__main__":

@@ -279,6 +279,21 @@ def add_output_arguments(parser) -> None:
                        help="Write one tensor per expert and projection (experts.<e>.gate_proj.weight, ...) instead "
                             "of the fused expert tensors; both layouts load with from_pretrained.")
     group.add_argument("--model_id", default=None, help="Hub id the model card's snippets use (default: folder name).")
+    group.add_argument("--base_model", default=None,
+                       help="Hub id of the source checkpoint, recorded as `base_model` in the model card.")
+
+
+def run_conversion_script(convert: Callable[[list[str] | None], object], argv: list[str] | None = None) -> int:
+    """Entry point of the conversion scripts: run `convert(argv)`; any conversion problem becomes `error: ...` on
+    stderr and exit status 1 (nothing has been written by then)."""
+    import sys
+
+    try:
+        convert(argv)
+    except (ValueError, KeyError, RuntimeError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def check_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
@@ -384,6 +399,7 @@ def write_converted_checkpoint(
 __all__ = [
     "check_output_dir",
     "parameter_summary",
+    "run_conversion_script",
     "parse_layer_selection",
     "sparse_text_config_from_dense",
     "upcycle_decoder_state_dict",
