@@ -538,3 +538,17 @@ def test_push_command_refuses_a_folder_that_does_not_load(hub_server, tmp_path):
     (folder / "README.md").unlink()
     result = run_client(hub_server, tmp_path / "hf_home", script.replace(str(folder), str(tmp_path / "empty")))
     assert "no config.json there" in result.stdout
+
+
+@pytest.mark.slow
+def test_push_command_to_a_branch_without_the_plot(hub_server, tmp_path):
+    folder = tmp_path / "run"
+    _training_folder(folder)
+    run_client(hub_server, tmp_path / "hf_home", f"""
+        from hf_sparsemoe_vlm.cli import main
+        raise SystemExit(main(["push", {str(folder)!r}, "org/branch-run", "--revision", "dev", "--no_include_plot"]))
+    """)
+    files = hub_server.files("org/branch-run", revision="dev")
+    assert "model.safetensors" in files and "expert_load.png" not in files
+    assert "expert_load.png" not in files["README.md"].decode()  # no link to a picture that is not there
+    assert "model.safetensors" not in hub_server.files("org/branch-run", revision="main")
