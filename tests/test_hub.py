@@ -552,3 +552,16 @@ def test_push_command_to_a_branch_without_the_plot(hub_server, tmp_path):
     assert "model.safetensors" in files and "expert_load.png" not in files
     assert "expert_load.png" not in files["README.md"].decode()  # no link to a picture that is not there
     assert "model.safetensors" not in hub_server.files("org/branch-run", revision="main")
+
+
+def test_push_command_refuses_a_processor_that_does_not_match_the_model(tmp_path):
+    from hf_sparsemoe_vlm.cli import main
+
+    folder = tmp_path / "run"
+    _training_folder(folder)
+    config_path = folder / "processor_config.json"
+    processor_config = json.loads(config_path.read_text())
+    processor_config["image_seq_length"] = 3
+    config_path.write_text(json.dumps(processor_config))
+    with pytest.raises(SystemExit, match=r"processor does not match the model .*image tokens 3 vs 16"):
+        main(["push", str(folder), "org/never"])  # refused before any Hub call (this process is offline)
