@@ -17,6 +17,8 @@ import pytest
 import torch
 from hub_server import git_blob_id
 
+from tiny_models import BLOCK_PACKAGE
+
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO = "org/tiny-sparsemoe-vlm"
@@ -202,23 +204,13 @@ def test_remote_code_checkpoint_loads_from_the_hub_where_the_package_is_not_impo
     assert config["auto_map"]["AutoModelForImageTextToText"] == (
         "modeling_sparsemoe_vlm.SparseMoEVLMForConditionalGeneration"
     )
-    block_package = """
-        import sys
-        sys.modules["hf_sparsemoe_vlm"] = None  # the package must not be importable here
-        try:
-            import hf_sparsemoe_vlm
-        except ImportError:
-            pass
-        else:
-            raise SystemExit("package unexpectedly importable")
-    """
     script = f"""
         processor, model = check({REPO!r}, "v1", trust_remote_code=True)
         for obj in (model, processor, processor.image_processor):
             assert type(obj).__module__.startswith("transformers_modules"), type(obj).__module__
         print("REMOTE_CODE_OK", type(model).__name__)
     """
-    result = run_client(hub_server, tmp_path / "hf_home", block_package, check_logits(published), script)
+    result = run_client(hub_server, tmp_path / "hf_home", BLOCK_PACKAGE, check_logits(published), script)
     assert "REMOTE_CODE_OK SparseMoEVLMForConditionalGeneration" in result.stdout
 
 

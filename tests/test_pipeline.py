@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import TextIteratorStreamer, pipeline
 
-from tiny_models import make_processor_and_model
+from tiny_models import BLOCK_PACKAGE, make_processor_and_model
 
 
 RED = PIL.Image.new("RGB", (40, 30), (255, 0, 0))
@@ -81,9 +81,7 @@ def test_pipeline_with_remote_code_where_the_package_is_not_importable(saved, tm
     inputs = processor(images=RED, text="<image> colour?", return_tensors="pt")
     expected = _new_text(processor, model, inputs, 4)[0]
     RED.save(tmp_path / "red.png")
-    script = textwrap.dedent(f"""
-        import sys
-        sys.modules["hf_sparsemoe_vlm"] = None  # the package must not be importable here
+    script = BLOCK_PACKAGE + textwrap.dedent(f"""
         from transformers import pipeline
         pipe = pipeline("image-text-to-text", model={str(folder)!r}, trust_remote_code=True)
         for obj in (pipe.model, pipe.processor, pipe.processor.image_processor):

@@ -81,3 +81,17 @@ def make_processor_and_model(vision: str = "siglip", seed: int = 0, **text_overr
     processor = build_processor(config, CORPUS)
     torch.manual_seed(seed)
     return processor, SparseMoEVLMForConditionalGeneration(config).eval()
+
+
+# Script preamble for subprocesses that must load checkpoints through remote code only: the installed package is
+# made unimportable (and checked to be).
+BLOCK_PACKAGE = """
+import sys
+sys.modules["hf_sparsemoe_vlm"] = None
+try:
+    import hf_sparsemoe_vlm
+except ImportError:
+    pass
+else:
+    raise SystemExit("package unexpectedly importable")
+"""
