@@ -3,7 +3,9 @@
 """Fine-tuning pieces used by `sparsemoe-vlm train`: model presets, the chat data collator, training stages,
 a Trainer that logs routing health and evaluates by generation, and the expert-load plot."""
 
+import itertools
 import math
+import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw
 from transformers import Trainer
+from transformers.integrations import TensorBoardCallback
 
 from .configuration_sparsemoe_vlm import SparseMoEVLMConfig
 from .metrics import load_metric
@@ -210,6 +213,18 @@ def routing_health(stats: dict[str, torch.Tensor]) -> dict[str, float]:
     return health
 
 
+class _UniqueFileTensorBoardCallback(TensorBoardCallback):
+    """Trainer's TensorBoard callback, except that every writer it opens gets its own event file. The stock one
+    closes its writer at the end of training and opens a new one for a later `evaluate()`; tensorboardX names
+    event files by the second, so that second writer could overwrite the training log of a short run."""
+
+    _writer_ids = itertools.count()
+
+    def _init_summary_writer(self, args):
+        suffix = f".{os.getpid()}.{next(self._writer_ids)}"
+        self.tb_writer = self._SummaryWriter(log_dir=self.logging_dir, filename_suffix=suffix)
+
+
 class SparseMoEVLMTrainer(Trainer):
     """`Trainer` that logs the router losses and routing health next to the loss, keeps the expert load of the
     run for the plot, and adds generation-based exact match to `evaluate()`."""
@@ -222,6 +237,12 @@ class SparseMoEVLMTrainer(Trainer):
         self._routing_sums: dict[str, float] = defaultdict(float)
         self._routing_count = 0
         self.expert_load: dict[str, torch.Tensor] = {}
+        callbacks = self.callback_handler.callbacks
+        for index, callback in enumerate(callbacks):
+            if type(callback) is TensorBoardCallback and callback.tb_writer is None:
+                replacement = _UniqueFileTensorBoardCallback()
+                replacement.logging_dir = callback.logging_dir
+                callbacks[index] = replacement
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)

@@ -1,5 +1,6 @@
 import json
 import math
+import types
 
 import PIL.Image
 import pytest
@@ -206,6 +207,10 @@ def _tensorboard_scalars(log_dir) -> dict[str, list[float]]:
 def test_standard_trainer_flags_bf16_accumulation_checkpointing_eval_and_tensorboard(tmp_path, monkeypatch):
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
     pytest.importorskip("tensorboardX")
+    import tensorboardX.event_file_writer
+    # tensorboardX names event files by the second: pin the clock so that the writer opened for the final
+    # evaluation always starts in the same second as the training one (short runs do that by chance).
+    monkeypatch.setattr(tensorboardX.event_file_writer, "time", types.SimpleNamespace(time=lambda: 1.7e9))
     output = tmp_path / "run"
     main(["train", "--output_dir", str(output), "--max_steps", "4", "--num_train_examples", "64",
           "--num_validation_examples", "8", "--num_test_examples", "4", "--per_device_train_batch_size", "4",
