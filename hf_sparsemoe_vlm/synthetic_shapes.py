@@ -49,7 +49,7 @@ def draw_shapes(shapes: list[PlacedShape], image_size: int, background=(245, 245
     return image
 
 
-def _place(rng: random.Random, count: int, image_size: int) -> list[PlacedShape]:
+def place_shapes(rng: random.Random, count: int, image_size: int) -> list[PlacedShape]:
     """`count` shapes with distinct shape types and colours, not overlapping, at distinct horizontal positions."""
     kinds = rng.sample(SHAPES, count)
     colours = rng.sample(list(COLOURS), count)
@@ -113,7 +113,7 @@ def generate_examples(num_examples: int, seed: int, image_size: int = 48,
     for _ in range(num_examples):
         kind = rng.choice(question_types)
         count = rng.randint(2 if kind == "position" else 1, max_shapes)
-        shapes = _place(rng, count, image_size)
+        shapes = place_shapes(rng, count, image_size)
         question, answer = make_question(rng, shapes, kind)
         columns["image"].append(draw_shapes(shapes, image_size))
         columns["question"].append(question)
@@ -153,4 +153,5 @@ def make_synthetic_dataset(num_train: int = 6000, num_validation: int = 300, num
     return DatasetDict(splits)
 
 
-__all__ = ["COLOURS", "QUESTION_TYPES", "SHAPES", "generate_examples", "make_synthetic_dataset"]
+__all__ = ["COLOURS", "QUESTION_TYPES", "SHAPES", "PlacedShape", "draw_shapes", "generate_examples", "make_question",
+           "make_synthetic_dataset", "place_shapes"]
