@@ -235,6 +235,12 @@ def vision_tower_geometry(vision_config: PreTrainedConfig, image_size: int, feat
             "vision transformers with `image_size`, `patch_size` and `hidden_size` (SigLIP, CLIP, DINOv2, ViT) or "
             "convolutional backbones with `hidden_sizes` (ConvNeXt, ResNet). Pass one of those vision configs."
         )
+    num_layers = getattr(vision_config, "num_hidden_layers", None)
+    if isinstance(num_layers, int):  # hidden_states = (embeddings, layer_1, ..., layer_n)
+        _check(num_layers >= 1, "vision_config.num_hidden_layers",
+               f"must be at least 1 ({model_type} towers with no encoder layer return no hidden states).")
+        _check(-(num_layers + 1) <= feature_layer <= num_layers, "vision_feature_layer",
+               f"({feature_layer}) is out of range for a {model_type} tower with {num_layers + 1} hidden states.")
     num_patches = (image_size // patch_size) ** 2
     if select_strategy == "full" and model_type not in _TOWERS_WITHOUT_CLS_TOKEN:
         num_patches += 1 + (getattr(vision_config, "num_register_tokens", None) or 0)

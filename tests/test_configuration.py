@@ -110,3 +110,30 @@ def test_unknown_feature_strategy_and_bad_layer_are_rejected():
         SparseMoEVLMConfig(vision_config=VISION_CONFIGS["siglip"], vision_feature_select_strategy="cls")
     with pytest.raises(ValueError, match="`vision_feature_layer`"):
         SparseMoEVLMConfig(vision_config=VISION_CONFIGS["convnext"], vision_feature_layer=5)
+
+
+def test_transformer_tower_feature_layer_must_exist():
+    layers = VISION_CONFIGS["siglip"]["num_hidden_layers"]
+    # hidden_states = (embeddings, layer_1, ..., layer_n): 0 (the patch embeddings) and -(n + 1) are valid.
+    assert SparseMoEVLMConfig(vision_config=VISION_CONFIGS["siglip"], vision_feature_layer=0).vision_feature_layer == 0
+    SparseMoEVLMConfig(vision_config=VISION_CONFIGS["siglip"], vision_feature_layer=-(layers + 1))
+    with pytest.raises(ValueError, match=rf"`vision_feature_layer` \({layers + 1}\) is out of range .* {layers + 1} hidden"):
+        SparseMoEVLMConfig(vision_config=VISION_CONFIGS["siglip"], vision_feature_layer=layers + 1)
+    with pytest.raises(ValueError, match="`vision_config.num_hidden_layers` must be at least 1"):
+        SparseMoEVLMConfig(vision_config={**VISION_CONFIGS["siglip"], "num_hidden_layers": 0})
+
+
+def test_transformer_tower_patch_embeddings_can_be_the_image_features():
+    import torch
+
+    from hf_sparsemoe_vlm import SparseMoEVLMForConditionalGeneration
+
+    config = SparseMoEVLMConfig(vision_config=VISION_CONFIGS["siglip"], vision_feature_layer=0,
+                                text_config={"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64,
+                                             "moe_intermediate_size": 32, "num_hidden_layers": 1,
+                                             "num_attention_heads": 2, "num_key_value_heads": 1},
+                                image_token_id=5)
+    model = SparseMoEVLMForConditionalGeneration(config).eval()
+    pixels = torch.randn(1, 3, config.image_size, config.image_size)
+    features = model.get_image_features(pixels).pooler_output
+    assert features.shape == (1, config.image_seq_length, 32)
