@@ -16,7 +16,6 @@ import time
 import types
 from pathlib import Path
 
-import numpy
 import torch
 from transformers import TrainingArguments, set_seed
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -28,27 +27,16 @@ from hf_sparsemoe_vlm.synthetic_shapes import (
     SHAPES,
     draw_shapes,
     make_question,
+    patch_labels,
     place_shapes,
 )
 from hf_sparsemoe_vlm.training import PRESETS, SparseMoEVLMTrainer, VLMDataCollator, generate_answers
 
 
 def cell_labels(shapes, image_size: int, grid: int) -> torch.Tensor:
-    """(grid * grid,) labels in raster order: 1 + shape index * len(COLOURS) + colour index of the shape covering the
-    most pixels of the cell (at least a cell's width of them), 0 for background."""
-    cell = image_size / grid
-    labels = torch.zeros(grid * grid, dtype=torch.long)
-    best = torch.zeros(grid * grid)
-    cell_of_pixel = torch.arange(image_size).div(cell, rounding_mode="floor").long().clamp(max=grid - 1)
-    rows, cols = cell_of_pixel[:, None].expand(image_size, image_size), cell_of_pixel[None, :].expand(image_size, image_size)
-    for shape in shapes:
-        mask = draw_shapes([shape], image_size, background=(0, 0, 0)).convert("L")
-        pixels = torch.from_numpy(numpy.array(mask) > 0).float()
-        coverage = torch.zeros(grid, grid).index_put_((rows, cols), pixels, accumulate=True).flatten()
-        wins = (coverage > best) & (coverage >= cell)
-        labels[wins] = 1 + SHAPES.index(shape.shape) * len(COLOURS) + list(COLOURS).index(shape.colour)
-        best = torch.maximum(best, coverage)
-    return labels
+    """(grid * grid,) oracle labels in raster order: the `PATCH_LABELS` index of the shape covering most of each
+    cell (at least 1/8 of it), 0 for background; the labels stage-0 vision pretraining learns."""
+    return torch.tensor(patch_labels(shapes, image_size, grid), dtype=torch.long)
 
 
 def make_rows(num: int, seed: int, question_types: list[str], min_shapes: int, image_size: int, grid: int) -> list[dict]:

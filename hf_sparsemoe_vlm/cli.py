@@ -4,6 +4,7 @@
 Transformers' Trainer; it also runs under `accelerate launch`."""
 
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,18 +18,28 @@ from .synthetic_shapes import QUESTION_TYPES
 from .training import TRAINING_STAGES
 
 
+DEFAULT_VISION_PRETRAINING_STEPS = 300
+
+
 @dataclass
 class ModelArguments:
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "A SparseMoE-VLM checkpoint folder (model + processor) to fine-tune. "
                                         "Without it a model is built from --preset and a tokenizer is trained."})
-    preset: str = field(default="tiny", metadata={"help": "Model preset used when no checkpoint is given."})
+    preset: str = field(default="tiny-resnet", metadata={"help": "Model preset used when no checkpoint is given."})
     router_type: str | None = field(default=None, metadata={"help": "Override the preset's router: topk, top_p, relu."})
     dense_baseline: bool = field(
         default=False, metadata={"help": "Replace every sparse layer of the preset by a dense MLP with the same "
                                          "number of active parameters (for side-by-side comparisons)."})
     training_stage: str = field(default="full", metadata={"help": f"What trains: one of {TRAINING_STAGES}."})
-    freeze_vision_tower: bool = field(default=False, metadata={"help": "Freeze the vision tower."})
+    vision_pretraining_steps: int | None = field(default=None, metadata={
+        "help": "Stage 0: steps of vision tower pretraining on the synthetic set's per-patch shape/colour labels "
+                "(batch of --per_device_train_batch_size, --learning_rate) before the VLM trains. Default: "
+                f"{DEFAULT_VISION_PRETRAINING_STEPS} when a preset model is trained from scratch on the synthetic set, "
+                "else 0."})
+    freeze_vision_tower: bool | None = field(default=None, metadata={
+        "help": "Freeze the vision tower. Default: frozen after stage-0 pretraining (as LLaVA keeps its pretrained "
+                "encoder frozen), trained otherwise."})
     lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains the weights themselves. With LoRA (needs "
                                                      "`peft`) only the adapters train; the saved model is merged and "
                                                      "the adapter is saved in <output_dir>/adapter."})
@@ -51,14 +62,15 @@ class DataArguments:
     num_validation_examples: int = field(default=200, metadata={"help": "Synthetic validation examples."})
     num_test_examples: int = field(default=300, metadata={"help": "Synthetic test examples."})
     synthetic_seed: int = field(default=0, metadata={"help": "Seed of the synthetic data."})
-    image_size: int = field(default=64, metadata={"help": "Side of the synthetic images (pixels)."})
+    image_size: int = field(default=48, metadata={"help": "Side of the synthetic images (pixels)."})
     question_types: str = field(default=",".join(QUESTION_TYPES),
                                 metadata={"help": "Comma-separated synthetic question types."})
     num_single_shape_first: int = field(default=0, metadata={
         "help": "Synthetic curriculum: this many single-shape examples come first and the run keeps the data's "
                 "order (train_sampling_strategy=sequential); 0 = off."})
-    image_after_question: bool = field(default=False, metadata={
-        "help": "Put the image after the question in the user turn, so that image tokens attend to the question."})
+    image_after_question: bool = field(default=True, metadata={
+        "help": "Put the image after the question in the user turn, so that image tokens attend to the question "
+                "(false: image first, as LLaVA). Conversation rows keep their own order."})
     max_new_tokens: int = field(default=24, metadata={"help": "Generation length for evaluation and answers."})
     num_demo_answers: int = field(default=5, metadata={"help": "Test questions answered and printed at the end."})
 
@@ -67,7 +79,7 @@ TRAIN_DEFAULTS = {
     "output_dir": "runs/sparsemoe-vlm-tiny",
     "per_device_train_batch_size": 32,
     "per_device_eval_batch_size": 64,
-    "learning_rate": 2e-3,
+    "learning_rate": 1e-3,
     "lr_scheduler_type": "cosine",
     "warmup_steps": 100,
     "weight_decay": 0.0,
@@ -168,6 +180,36 @@ def _training_settings(training_args: TrainingArguments) -> dict:
     return settings
 
 
+def _vision_pretraining(model, processor, model_args: ModelArguments, data_args: DataArguments,
+                        training_args: TrainingArguments, resuming: bool) -> None:
+    """Resolve the stage-0 defaults and run it. A resumed run skips it: its tower comes from the checkpoint."""
+    from .synthetic_shapes import PATCH_LABELS, patch_label_batches
+    from .training import pretrain_vision_tower
+
+    steps = model_args.vision_pretraining_steps
+    if steps is None:
+        steps = DEFAULT_VISION_PRETRAINING_STEPS if (
+            data_args.dataset == "synthetic" and not model_args.model_name_or_path) else 0
+    if steps < 0:
+        raise ValueError(f"--vision_pretraining_steps must be >= 0, got {steps}.")
+    if steps and data_args.dataset != "synthetic":
+        raise ValueError("--vision_pretraining_steps needs per-patch labels, which only the synthetic set provides; "
+                         f"set it to 0 with --dataset {data_args.dataset}.")
+    model_args.vision_pretraining_steps = steps
+    if model_args.freeze_vision_tower is None:
+        model_args.freeze_vision_tower = steps > 0
+    if steps and not resuming:
+        grid_size = math.isqrt(model.config.image_seq_length)
+        if grid_size ** 2 != model.config.image_seq_length:
+            raise ValueError(f"Vision pretraining labels a square grid of image tokens; this tower gives "
+                             f"{model.config.image_seq_length} tokens. Set --vision_pretraining_steps 0.")
+        batches = patch_label_batches(steps, training_args.per_device_train_batch_size, grid_size,
+                                      seed=training_args.seed + 1, image_size=data_args.image_size)
+        losses = pretrain_vision_tower(model, processor.image_processor, batches, len(PATCH_LABELS),
+                                       learning_rate=training_args.learning_rate)
+        print(f"vision pretraining: {steps} steps, patch loss {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
+
+
 def train(argv: list[str]) -> dict[str, float]:
     """Run `sparsemoe-vlm train`; returns the final metrics."""
     from .model_card import write_model_card
@@ -186,12 +228,14 @@ def train(argv: list[str]) -> dict[str, float]:
     output_dir = Path(training_args.output_dir)
 
     dataset = _load_data(data_args, training_args.seed)
+    if model_args.lora_r > 0 and (model_args.training_stage != "full" or model_args.freeze_vision_tower):
+        raise ValueError("--lora_r trains only the LoRA adapters (everything else is frozen); leave "
+                         "--training_stage at full and --freeze_vision_tower off with LoRA.")
     model, processor = _build_model_and_processor(model_args, dataset["train"])
+    resume = training_args.resume_from_checkpoint
+    _vision_pretraining(model, processor, model_args, data_args, training_args, resuming=resume is not None)
     counts = apply_training_stage(model, model_args.training_stage, model_args.freeze_vision_tower)
     if model_args.lora_r > 0:
-        if model_args.training_stage != "full" or model_args.freeze_vision_tower:
-            raise ValueError("--lora_r trains only the LoRA adapters (everything else is frozen); leave "
-                             "--training_stage at full and --freeze_vision_tower off with LoRA.")
         model = apply_lora(model, model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout,
                            tuple(t.strip() for t in model_args.lora_targets.split(",") if t.strip()))
         counts["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -209,7 +253,6 @@ def train(argv: list[str]) -> dict[str, float]:
         data_collator=collator, processing_class=processor, generation_collator=collator,
         generation_max_new_tokens=data_args.max_new_tokens,
     )
-    resume = training_args.resume_from_checkpoint
     if resume is not None and resume.lower() in ("last", "true"):
         resume = get_last_checkpoint(str(output_dir))
         if resume is None:

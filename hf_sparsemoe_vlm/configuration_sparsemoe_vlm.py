@@ -278,7 +278,8 @@ class SparseMoEVLMConfig(PreTrainedConfig):
         image_position_embeddings (`bool`, *optional*, defaults to `False`):
             Add a learned embedding per image token position after the projector. Convolutional towers give
             features without absolute position and the decoder's 1D rotary positions hide the 2D layout; this
-            gives every image token its place in the grid.
+            gives every image token its place in the grid. For a square grid it starts from the token's row and
+            column coordinates (in [-1, 1], channels 0 and 1), so positions can be compared from the first step.
         tie_word_embeddings (`bool`, *optional*, defaults to `False`):
             Whether the LM head shares the input embedding matrix.
 

@@ -213,7 +213,8 @@ def build_model_card(
             + (f", starting from `{model_args['model_name_or_path']}`" if model_args.get("model_name_or_path") else
                f", from the `{model_args.get('preset')}` preset with a freshly trained tokenizer") + "."
         )
-        names = {"training_stage": "training stage", "max_steps": "steps", "num_train_epochs": "epochs",
+        names = {"vision_pretraining_steps": "vision tower pretraining steps (stage 0, per-patch labels)",
+                 "freeze_vision_tower": "vision tower frozen", "training_stage": "training stage", "max_steps": "steps", "num_train_epochs": "epochs",
                  "per_device_train_batch_size":
                  "batch size per device", "gradient_accumulation_steps": "gradient accumulation", "world_size":
                  "processes", "learning_rate": "learning rate", "lr_scheduler_type": "schedule", "warmup_steps":

@@ -3,6 +3,7 @@
 """SparseMoE-VLM: vision tower -> projector -> image features merged at the image tokens -> Llama-family decoder
 whose sparse layers route image tokens and text tokens to their own expert groups."""
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -350,7 +351,7 @@ class SparseMoEVLMPreTrainedModel(PreTrainedModel):
             init.normal_(module.gate_up_proj, mean=0.0, std=std)
             init.normal_(module.down_proj, mean=0.0, std=std)
         elif isinstance(module, SparseMoEVLMMultiModalProjector) and module.position_embedding is not None:
-            init.normal_(module.position_embedding, mean=0.0, std=std)
+            init.copy_(module.position_embedding, grid_position_init(*module.position_embedding.shape, std=std))
         elif isinstance(module, SparseMoEVLMRouter):
             init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
@@ -429,6 +430,19 @@ class SparseMoEVLMTextModel(SparseMoEVLMPreTrainedModel):
         return MoeModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
 
 
+def grid_position_init(num_tokens: int, hidden_size: int, std: float) -> torch.Tensor:
+    """Initial image position embeddings: N(0, std), with a square grid's row and column coordinates (in [-1, 1])
+    written into the first two channels, so that the decoder can compare where objects are from the first step
+    rather than discover the layout first. Non-square token counts keep the plain random init."""
+    table = torch.randn(num_tokens, hidden_size) * std
+    side = math.isqrt(num_tokens)
+    if side > 1 and side * side == num_tokens:
+        coordinates = torch.linspace(-1.0, 1.0, side)
+        table[:, 0] = coordinates.repeat_interleave(side)  # row of each token (row-major order)
+        table[:, 1] = coordinates.repeat(side)  # column
+    return table
+
+
 class SparseMoEVLMMultiModalProjector(nn.Module):
     def __init__(self, config: SparseMoEVLMConfig):
         super().__init__()
@@ -464,12 +478,15 @@ class SparseMoEVLMModel(SparseMoEVLMPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.embed_tokens = value
 
-    @can_return_tuple
-    def get_image_features(
-        self, pixel_values: torch.FloatTensor, **kwargs: Unpack[TransformersKwargs]
-    ) -> BaseModelOutputWithPooling:
-        """Run the vision tower and the projector. `pooler_output` holds the projected features,
-        `(num_images, image_seq_length, hidden_size)`."""
+    def train(self, mode: bool = True) -> "SparseMoEVLMModel":
+        super().train(mode)
+        if mode and not any(p.requires_grad for p in self.vision_tower.parameters()):
+            # A frozen tower stays in eval mode: BatchNorm keeps its running statistics (so features do not depend
+            # on the batch, or on the process under DDP) and dropout stays off, as for a pretrained encoder.
+            self.vision_tower.eval()
+        return self
+
+    def _run_vision_tower(self, pixel_values: torch.FloatTensor, **kwargs) -> tuple[torch.Tensor, BaseModelOutputWithPooling]:
         if pixel_values.ndim != 4:
             raise ValueError(
                 f"`pixel_values` must have shape (num_images, channels, height, width), got {tuple(pixel_values.shape)}."
@@ -485,6 +502,20 @@ class SparseMoEVLMModel(SparseMoEVLMPreTrainedModel):
         elif self.config.vision_feature_select_strategy == "default":
             # Keep the patch tokens only: drop the class (and register) tokens in front of them.
             features = features[:, features.shape[1] - self.config.image_seq_length :]
+        return features, image_outputs
+
+    def get_vision_tokens(self, pixel_values: torch.FloatTensor) -> torch.Tensor:
+        """The vision tower's features that become image tokens, before the projector:
+        `(num_images, image_seq_length, vision_feature_size)`, one row per grid cell, row by row."""
+        return self._run_vision_tower(pixel_values)[0]
+
+    @can_return_tuple
+    def get_image_features(
+        self, pixel_values: torch.FloatTensor, **kwargs: Unpack[TransformersKwargs]
+    ) -> BaseModelOutputWithPooling:
+        """Run the vision tower and the projector. `pooler_output` holds the projected features,
+        `(num_images, image_seq_length, hidden_size)`."""
+        features, image_outputs = self._run_vision_tower(pixel_values, **kwargs)
         image_outputs.pooler_output = self.multi_modal_projector(features)
         return image_outputs
 
@@ -640,6 +671,9 @@ class SparseMoEVLMForConditionalGeneration(SparseMoEVLMPreTrainedModel, Generati
 
     def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
         return self.model.get_image_features(pixel_values, **kwargs)
+
+    def get_vision_tokens(self, pixel_values: torch.FloatTensor) -> torch.Tensor:
+        return self.model.get_vision_tokens(pixel_values)
 
     def _routers(self) -> dict[tuple[int, str], SparseMoEVLMRouter]:
         routers = {}

@@ -33,20 +33,58 @@ class PlacedShape:
         return f"a {self.colour} {self.shape}"
 
 
+# Per-patch classes for vision tower pretraining: background, then every (shape, colour) pair.
+PATCH_LABELS = ("background",) + tuple(f"{colour} {shape}" for shape in SHAPES for colour in COLOURS)
+
+
+def _draw(draw: ImageDraw.ImageDraw, s: PlacedShape, fill) -> None:
+    box = (s.x - s.radius, s.y - s.radius, s.x + s.radius, s.y + s.radius)
+    if s.shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif s.shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(s.x, s.y - s.radius), (s.x - s.radius, s.y + s.radius), (s.x + s.radius, s.y + s.radius)],
+                     fill=fill)
+
+
 def draw_shapes(shapes: list[PlacedShape], image_size: int, background=(245, 245, 245)) -> Image.Image:
     image = Image.new("RGB", (image_size, image_size), background)
     draw = ImageDraw.Draw(image)
     for s in shapes:
-        box = (s.x - s.radius, s.y - s.radius, s.x + s.radius, s.y + s.radius)
-        fill = COLOURS[s.colour]
-        if s.shape == "circle":
-            draw.ellipse(box, fill=fill)
-        elif s.shape == "square":
-            draw.rectangle(box, fill=fill)
-        else:
-            draw.polygon([(s.x, s.y - s.radius), (s.x - s.radius, s.y + s.radius), (s.x + s.radius, s.y + s.radius)],
-                         fill=fill)
+        _draw(draw, s, COLOURS[s.colour])
     return image
+
+
+def patch_labels(shapes: list[PlacedShape], image_size: int, grid_size: int,
+                 min_coverage: float = 0.125) -> list[int]:
+    """The class (index into `PATCH_LABELS`) of each cell of a `grid_size` x `grid_size` grid over the image, row by
+    row: the shape covering most of the cell, or background when no shape covers `min_coverage` of it."""
+    import torch
+
+    best_label, best_coverage = [0] * grid_size ** 2, [0.0] * grid_size ** 2
+    for s in shapes:
+        mask = Image.new("L", (image_size, image_size), 0)
+        _draw(ImageDraw.Draw(mask), s, 1)
+        pixels = torch.tensor(list(mask.getdata()), dtype=torch.float32).view(1, image_size, image_size)
+        coverage = torch.nn.functional.adaptive_avg_pool2d(pixels, grid_size).flatten().tolist()
+        label = PATCH_LABELS.index(f"{s.colour} {s.shape}")
+        for cell, value in enumerate(coverage):
+            if value >= min_coverage and value > best_coverage[cell]:
+                best_label[cell], best_coverage[cell] = label, value
+    return best_label
+
+
+def patch_label_batches(num_batches: int, batch_size: int, grid_size: int, seed: int = 0, image_size: int = 48,
+                        max_shapes: int = 3):
+    """Batches of `(images, labels)` for vision tower pretraining: freshly drawn scenes of 1 to `max_shapes` shapes
+    and their per-cell `patch_labels` (`labels` is a list of `batch_size` lists of `grid_size ** 2` ints),
+    deterministic in `seed`."""
+    rng = random.Random(seed)
+    for _ in range(num_batches):
+        scenes = [place_shapes(rng, rng.randint(1, max_shapes), image_size) for _ in range(batch_size)]
+        yield ([draw_shapes(shapes, image_size) for shapes in scenes],
+               [patch_labels(shapes, image_size, grid_size) for shapes in scenes])
 
 
 def place_shapes(rng: random.Random, count: int, image_size: int) -> list[PlacedShape]:
@@ -88,8 +126,10 @@ def make_question(rng: random.Random, shapes: list[PlacedShape], kind: str) -> t
         return "How many shapes are there?", NUMBER_WORDS[len(shapes)]
     if kind == "position":
         first, second = rng.sample(shapes, 2)
-        answer = "left" if first.x < second.x else "right"
-        return f"Is the {first.shape} left or right of the {second.shape}?", answer
+        side = rng.choice(("left", "right"))
+        further = min if side == "left" else max
+        return f"Which is further {side}, the {first.shape} or the {second.shape}?", further(
+            (first, second), key=lambda s: s.x).shape
     if kind == "caption":
         return "Describe the image.", caption(shapes)
     raise ValueError(f"Unknown question type {kind!r}; expected one of {QUESTION_TYPES}.")
@@ -153,5 +193,5 @@ def make_synthetic_dataset(num_train: int = 6000, num_validation: int = 300, num
     return DatasetDict(splits)
 
 
-__all__ = ["COLOURS", "QUESTION_TYPES", "SHAPES", "PlacedShape", "draw_shapes", "generate_examples", "make_question",
-           "make_synthetic_dataset", "place_shapes"]
+__all__ = ["COLOURS", "PATCH_LABELS", "QUESTION_TYPES", "SHAPES", "PlacedShape", "draw_shapes", "generate_examples",
+           "make_question", "make_synthetic_dataset", "patch_label_batches", "patch_labels", "place_shapes"]

@@ -34,13 +34,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         "image_token_id": BUILT_TOKENIZER_SPECIAL_TOKENS.index(IMAGE_TOKEN),  # the id `build_tokenizer` gives it
     },
 }
-# The same decoder on a small ResNet tower (8x8 feature map at 64 px): convolutions learn shape identity from
-# single-shape images within ~300 steps where the from-scratch ViT does not (benchmarks/RESULTS.md). Its BatchNorm
-# computes statistics per process under DDP (use SyncBatchNorm for single-process equivalence).
+# The default of `sparsemoe-vlm train`: the same decoder on a small ResNet tower (6x6 feature map at 48 px, one token
+# per 8 px cell) with image position embeddings that start from the grid coordinates. The convolutions learn
+# per-object shape and colour within ~100 steps of stage-0 pretraining (benchmarks/RESULTS.md). Frozen after stage 0, the tower runs in eval mode (BatchNorm running statistics); a
+# trainable one computes BatchNorm statistics per process under DDP (use SyncBatchNorm for single-process equivalence).
 PRESETS["tiny-resnet"] = {
     **PRESETS["tiny"],
     "vision_config": {"model_type": "resnet", "embedding_size": 32, "hidden_sizes": [48, 96], "depths": [1, 1],
                       "layer_type": "basic", "downsample_in_first_stage": False},
+    "image_size": 48,
+    "image_position_embeddings": True,
 }
 
 TRAINING_STAGES = ("full", "projector", "dense", "moe")
@@ -60,7 +63,8 @@ def preset_config(name: str, **text_overrides) -> SparseMoEVLMConfig:
     preset = PRESETS[name]
     return SparseMoEVLMConfig(vision_config=dict(preset["vision_config"]),
                               text_config={**preset["text_config"], **text_overrides},
-                              image_token_id=preset["image_token_id"], image_size=preset["image_size"])
+                              image_token_id=preset["image_token_id"], image_size=preset["image_size"],
+                              image_position_embeddings=preset.get("image_position_embeddings", False))
 
 
 def apply_training_stage(model, stage: str, freeze_vision_tower: bool = False) -> dict[str, int]:
@@ -116,6 +120,52 @@ def apply_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.0,
                         target_modules="|".join(f"(?:{p})" for p in module_patterns) if module_patterns else None,
                         target_parameters=parameters or None)
     return get_peft_model(model, config)
+
+
+def pretrain_vision_tower(model, image_processor, batches, num_labels: int, learning_rate: float = 2e-3,
+                          logging_steps: int = 100) -> list[float]:
+    """Stage 0: pretrain the vision tower on per-patch labels before the VLM trains, the role a pretrained encoder
+    (CLIP, SigLIP) plays in LLaVA-style models when no pretrained weights can be used.
+
+    A temporary linear head classifies every image token's features (`get_vision_tokens`, before the projector)
+    into one of `num_labels` classes with cross-entropy; the head is discarded afterwards. `batches` yields
+    `(images, labels)`: a list of images and, per image, `image_seq_length` integer labels in the order of the image
+    tokens (row by row; -100 ignores a cell), e.g. `synthetic_shapes.patch_label_batches`. Returns the loss of
+    every step. Image tokens that each carry their own object's identity let the decoder bind question words to the
+    right tokens from the start, which end-to-end training from pixels does not find on its own
+    (`benchmarks/binding_diagnostics.py`)."""
+    base = model.model if hasattr(model, "model") else model
+    seq_length = model.config.image_seq_length
+    head = torch.nn.Linear(model.config.vision_feature_size, num_labels).to(model.device)
+    tower_params = [p for p in base.vision_tower.parameters()]
+    optimizer = torch.optim.AdamW(tower_params + list(head.parameters()), lr=learning_rate, weight_decay=0.0)
+    was_training, requires_grad = model.training, [p.requires_grad for p in tower_params]
+    base.vision_tower.train()
+    for p in tower_params:
+        p.requires_grad_(True)
+    losses = []
+    for step, (images, labels) in enumerate(batches, start=1):
+        labels = torch.as_tensor(labels, dtype=torch.long, device=model.device)
+        if labels.ndim != 2 or labels.shape != (len(images), seq_length):
+            raise ValueError(f"Patch labels must have shape (num_images, image_seq_length) = ({len(images)}, "
+                             f"{seq_length}) for this model (one label per image token, row by row); got "
+                             f"{tuple(labels.shape)}.")
+        if labels.max() >= num_labels or labels.min() < -100:
+            raise ValueError(f"Patch labels must be in [0, {num_labels}) (or -100 to ignore a cell); got values in "
+                             f"[{labels.min().item()}, {labels.max().item()}].")
+        pixel_values = image_processor(images, return_tensors="pt")["pixel_values"].to(model.device)
+        logits = head(base.get_vision_tokens(pixel_values).float())
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, num_labels), labels.flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if logging_steps and (step % logging_steps == 0 or step == 1):
+            print(f"vision pretraining step {step}: loss {losses[-1]:.4f}", flush=True)
+    for p, flag in zip(tower_params, requires_grad, strict=True):
+        p.requires_grad_(flag)
+    model.train(was_training)
+    return losses
 
 
 class VLMDataCollator:

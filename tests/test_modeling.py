@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -369,7 +371,13 @@ def test_image_position_embeddings_are_added_to_each_image_token():
     model = SparseMoEVLMForConditionalGeneration(config).eval()
     projector = model.model.multi_modal_projector
     assert projector.position_embedding.shape == (config.image_seq_length, config.text_config.hidden_size)
-    assert 0 < projector.position_embedding.std() < 0.05  # initialised like the other weights (std 0.02)
+    # Initialised like the other weights (std 0.02), with the token's grid row and column in channels 0 and 1.
+    side = math.isqrt(config.image_seq_length)
+    assert side > 1 and side * side == config.image_seq_length
+    grid = torch.linspace(-1, 1, side)
+    torch.testing.assert_close(projector.position_embedding[:, 0], grid.repeat_interleave(side))
+    torch.testing.assert_close(projector.position_embedding[:, 1], grid.repeat(side))
+    assert 0 < projector.position_embedding[:, 2:].std() < 0.05
     pixel_values = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         with_positions = model.model.get_image_features(pixel_values).pooler_output
@@ -378,3 +386,25 @@ def test_image_position_embeddings_are_added_to_each_image_token():
         shifted = model.model.get_image_features(pixel_values).pooler_output
     torch.testing.assert_close(shifted - with_positions, offset.expand(2, -1, -1))
     assert make_model("resnet").model.multi_modal_projector.position_embedding is None
+
+
+def test_a_frozen_vision_tower_stays_in_eval_mode_while_the_rest_trains():
+    from hf_sparsemoe_vlm.training import apply_training_stage
+
+    model = make_model("resnet")  # BatchNorm in the tower
+    images = torch.randn(3, 3, 32, 32)
+    model.train()
+    assert model.model.vision_tower.training  # a trainable tower trains (batch statistics)
+    alone = model.model.get_image_features(images[:1]).pooler_output
+    assert not torch.allclose(alone, model.model.get_image_features(images).pooler_output[:1])
+    apply_training_stage(model, "full", freeze_vision_tower=True)
+    model.train()
+    assert model.training and model.model.language_model.training and not model.model.vision_tower.training
+    running_mean = model.model.vision_tower.embedder.embedder.normalization.running_mean.clone()
+    # Running statistics, not the batch's: an image gets the same features whatever it is batched with.
+    alone = model.model.get_image_features(images[:1]).pooler_output
+    torch.testing.assert_close(alone, model.model.get_image_features(images).pooler_output[:1])
+    torch.testing.assert_close(model.model.vision_tower.embedder.embedder.normalization.running_mean, running_mean)
+    apply_training_stage(model, "full")
+    model.train()
+    assert model.model.vision_tower.training

@@ -11,10 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 
+# Stage 0 (vision pretraining) runs in the first runs; the resumed run skips it and takes the tower from the checkpoint.
 ARGS = ["--max_steps", "16", "--save_steps", "4", "--save_total_limit", "10", "--num_train_examples", "96",
         "--num_validation_examples", "4", "--num_test_examples", "4", "--per_device_train_batch_size", "4",
         "--per_device_eval_batch_size", "4", "--max_new_tokens", "2", "--logging_steps", "4", "--image_size", "32",
-        "--use_cpu", "true", "--disable_tqdm", "true"]
+        "--use_cpu", "true", "--disable_tqdm", "true", "--vision_pretraining_steps", "2"]
 
 
 def run(output, *extra, wait=True):

@@ -38,10 +38,12 @@ def test_answers_agree_with_the_pixels():
             assert answer in SHAPES and f"{question.split()[-1][:-1]} {answer}" in caption
         elif kind == "count":
             assert answer == NUMBER_WORDS[len(present)]
-        elif kind == "position":
-            first, second = question.split()[2], question.split()[-1][:-1]
+        elif kind == "position":  # "Which is further left, the circle or the square?"
+            words = question.split()
+            side, first, second = words[3].rstrip(","), words[5], words[-1].rstrip("?")
             order = [part.split()[-1] for part in caption.replace(" and ", ", ").split(", ")]  # left to right
-            assert answer == ("left" if order.index(first) < order.index(second) else "right")
+            leftmost, rightmost = sorted((first, second), key=order.index)
+            assert side in ("left", "right") and answer == (leftmost if side == "left" else rightmost)
         else:
             assert answer == caption
 

@@ -101,7 +101,8 @@ def test_presets():
     config = preset_config("tiny", router_type="relu")
     assert config.text_config.router_type == "relu" and config.image_seq_length > 0
     resnet = preset_config("tiny-resnet")
-    assert resnet.vision_config.model_type == "resnet" and resnet.image_seq_length == 64  # 8x8 map at 64 px
+    assert resnet.vision_config.model_type == "resnet" and resnet.image_seq_length == 36  # 6x6 map at 48 px
+    assert resnet.image_position_embeddings and not config.image_position_embeddings
     assert resnet.text_config.to_dict() == preset_config("tiny").text_config.to_dict()  # same decoder
     with pytest.raises(ValueError, match="Unknown preset 'huge'"):
         preset_config("huge")
@@ -109,7 +110,9 @@ def test_presets():
 
 def test_train_arguments_have_main_job_defaults():
     model_args, data_args, training_args = parse_train_args([])
-    assert model_args.preset == "tiny" and data_args.dataset == "synthetic"
+    assert model_args.preset == "tiny-resnet" and data_args.dataset == "synthetic" and data_args.image_size == 48
+    assert data_args.image_after_question and training_args.learning_rate == 1e-3
+    assert model_args.vision_pretraining_steps is None and model_args.freeze_vision_tower is None  # resolved by run
     assert training_args.per_device_train_batch_size == 32 and training_args.remove_unused_columns is False
 
 
@@ -119,7 +122,8 @@ def test_short_training_run_end_to_end(tmp_path, capsys):
     code = main(["train", "--output_dir", str(output), "--max_steps", "6", "--num_train_examples", "64",
                  "--num_validation_examples", "8", "--num_test_examples", "10", "--logging_steps", "2",
                  "--save_steps", "3", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8",
-                 "--max_new_tokens", "4", "--router_type", "top_p", "--use_cpu", "true"])
+                 "--max_new_tokens", "4", "--router_type", "top_p", "--vision_pretraining_steps", "2",
+                 "--use_cpu", "true"])
     assert code == 0
     metrics = json.loads((output / "metrics.json").read_text())
     assert 0.0 <= metrics["test_exact_match"] <= 1.0 and "validation_loss" in metrics
@@ -216,7 +220,7 @@ def test_standard_trainer_flags_bf16_accumulation_checkpointing_eval_and_tensorb
           "--num_validation_examples", "8", "--num_test_examples", "4", "--per_device_train_batch_size", "4",
           "--gradient_accumulation_steps", "2", "--activation_checkpointing", "true", "--bf16", "true",
           "--eval_strategy", "steps", "--eval_steps", "2", "--logging_steps", "1", "--save_strategy", "no",
-          "--report_to", "tensorboard", "--max_new_tokens", "2",
+          "--report_to", "tensorboard", "--max_new_tokens", "2", "--vision_pretraining_steps", "0",
           "--use_cpu", "true"])
     history = json.loads((output / "log_history.json").read_text())
     losses = [entry["loss"] for entry in history if "loss" in entry]

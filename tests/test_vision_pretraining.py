@@ -1,0 +1,126 @@
+"""Stage 0: vision tower pretraining on the synthetic set's per-patch labels."""
+import json
+
+import PIL.Image
+import pytest
+import torch
+
+from hf_sparsemoe_vlm import SparseMoEVLMConfig, SparseMoEVLMForConditionalGeneration, SparseMoEVLMImageProcessor
+from hf_sparsemoe_vlm.cli import DEFAULT_VISION_PRETRAINING_STEPS, main
+from hf_sparsemoe_vlm.synthetic_shapes import PATCH_LABELS, PlacedShape, patch_label_batches, patch_labels
+from hf_sparsemoe_vlm.training import preset_config, pretrain_vision_tower
+
+
+def test_patch_labels_mark_the_cells_each_shape_covers():
+    square = PlacedShape("square", "red", x=12, y=12, radius=6)  # pixels 6..18 of a 48 px image
+    labels = patch_labels([square], image_size=48, grid_size=6)  # 8 px cells
+    red_square = PATCH_LABELS.index("red square")
+    grid = [labels[row * 6:(row + 1) * 6] for row in range(6)]
+    # Cells 0, 1, 2 overlap the square by 2, 8 and 3 px in each direction: area fractions (2*2, 2*8, 2*3, 8*8,
+    # 8*3, 3*3) / 64, of which those >= 1/8 (the default min_coverage) count.
+    S = red_square
+    assert grid[:3] == [[0, S, 0, 0, 0, 0], [S, S, S, 0, 0, 0], [0, S, S, 0, 0, 0]]
+    assert grid[3:] == [[0] * 6] * 3
+    assert patch_labels([square], 48, 6, min_coverage=0.3)[6:9] == [0, S, S]
+    # A second shape takes the cells it covers; the square keeps its own.
+    circle = PlacedShape("circle", "blue", x=30, y=12, radius=5)
+    both = patch_labels([square, circle], image_size=48, grid_size=6)
+    assert both[9] == PATCH_LABELS.index("blue circle") and both[6:9] == [S, S, S]
+    assert len(PATCH_LABELS) == 16 and PATCH_LABELS[0] == "background"
+
+
+def test_patch_label_batches_are_deterministic_and_match_their_images():
+    first = list(patch_label_batches(2, 3, grid_size=4, seed=7))
+    again = list(patch_label_batches(2, 3, grid_size=4, seed=7))
+    assert [labels for _, labels in first] == [labels for _, labels in again]
+    images, labels = first[0]
+    assert len(images) == len(labels) == 3 and all(len(row) == 16 for row in labels)
+    assert all(image.size == (48, 48) for image in images)
+    for image, row in zip(images, labels, strict=True):  # the labelled cells hold the labelled colour
+        for cell, label in enumerate(row):
+            if label:
+                colour = PATCH_LABELS[label].split()[0]
+                crop = image.crop(((cell % 4) * 12, (cell // 4) * 12, (cell % 4 + 1) * 12, (cell // 4 + 1) * 12))
+                from hf_sparsemoe_vlm.synthetic_shapes import COLOURS
+                assert COLOURS[colour] in {rgb for _, rgb in crop.getcolors()}
+
+
+def _resnet_model():
+    config = SparseMoEVLMConfig(
+        vision_config={"model_type": "resnet", "embedding_size": 16, "hidden_sizes": [24, 32], "depths": [1, 1],
+                       "layer_type": "basic", "downsample_in_first_stage": False},
+        text_config={"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "num_key_value_heads": 1, "moe_intermediate_size": 32,
+                     "num_experts": 2, "num_image_experts": 2, "num_experts_per_tok": 1},
+        image_token_id=3, image_size=48)
+    return SparseMoEVLMForConditionalGeneration(config), SparseMoEVLMImageProcessor(size={"height": 48, "width": 48})
+
+
+def test_pretraining_teaches_the_tower_per_patch_labels_and_touches_nothing_else():
+    torch.manual_seed(0)
+    model, image_processor = _resnet_model()
+    assert model.config.image_seq_length == 36
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    model.model.vision_tower.requires_grad_(False)  # a frozen tower trains in stage 0 and is frozen again after
+    model.eval()
+    losses = pretrain_vision_tower(model, image_processor, patch_label_batches(60, 16, grid_size=6, seed=0),
+                                   len(PATCH_LABELS), logging_steps=0)
+    assert len(losses) == 60 and losses[-1] < 0.25 * losses[0]
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and all(name.startswith("model.vision_tower.") for name in changed)
+    assert not any(p.requires_grad for p in model.model.vision_tower.parameters()) and not model.training
+    # The image tokens the decoder reads now separate the classes: a fresh linear probe on them is near perfect.
+    images, labels = next(patch_label_batches(1, 64, grid_size=6, seed=99))
+    with torch.no_grad():
+        tokens = model.get_vision_tokens(image_processor(images, return_tensors="pt")["pixel_values"])
+    assert tokens.shape == (64, 36, 32)
+    probe = torch.nn.Linear(32, len(PATCH_LABELS))
+    optimizer = torch.optim.Adam(probe.parameters(), lr=0.05)
+    targets = torch.tensor(labels).flatten()
+    for _ in range(200):
+        loss = torch.nn.functional.cross_entropy(probe(tokens.reshape(-1, 32)), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    accuracy = (probe(tokens.reshape(-1, 32)).argmax(-1) == targets).float().mean()
+    assert accuracy > 0.9
+
+
+def test_pretraining_rejects_labels_that_do_not_match_the_image_tokens():
+    model, image_processor = _resnet_model()
+    images = [PIL.Image.new("RGB", (48, 48))] * 2
+    with pytest.raises(ValueError, match=r"shape \(num_images, image_seq_length\) = \(2, 36\).*got \(2, 16\)"):
+        pretrain_vision_tower(model, image_processor, [(images, [[0] * 16] * 2)], num_labels=16)
+    with pytest.raises(ValueError, match=r"must be in \[0, 16\).*got values in \[0, 16\]"):
+        pretrain_vision_tower(model, image_processor, [(images, [[0] * 35 + [16]] * 2)], num_labels=16)
+
+
+def test_cli_runs_stage_zero_by_default_only_for_a_preset_on_the_synthetic_set(tmp_path, capsys):
+    assert DEFAULT_VISION_PRETRAINING_STEPS > 0
+    data = tmp_path / "data.jsonl"
+    PIL.Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    data.write_text(json.dumps({"image": "a.png", "question": "q?", "answer": "a"}) + "\n")
+    with pytest.raises(ValueError, match="only the synthetic set provides; set it to 0 with --dataset"):
+        main(["train", "--dataset", str(data), "--vision_pretraining_steps", "5", "--output_dir", str(tmp_path / "o"),
+              "--max_steps", "1", "--use_cpu", "true"])
+    with pytest.raises(ValueError, match="--vision_pretraining_steps must be >= 0"):
+        main(["train", "--vision_pretraining_steps", "-1", "--output_dir", str(tmp_path / "o"), "--max_steps", "1",
+              "--num_train_examples", "8", "--num_validation_examples", "0", "--num_test_examples", "1",
+              "--use_cpu", "true"])
+    assert preset_config("tiny-resnet").image_seq_length ** 0.5 % 1 == 0  # a square grid to label
+
+
+@pytest.mark.slow
+def test_cli_pretrains_then_freezes_the_tower_and_records_it(tmp_path, capsys):
+    output = tmp_path / "run"
+    main(["train", "--output_dir", str(output), "--preset", "tiny-resnet", "--vision_pretraining_steps", "4",
+          "--max_steps", "2", "--num_train_examples", "16", "--num_validation_examples", "0",
+          "--num_test_examples", "2", "--per_device_train_batch_size", "4", "--max_new_tokens", "2",
+          "--save_strategy", "no", "--use_cpu", "true"])
+    printed = capsys.readouterr().out
+    assert "vision pretraining: 4 steps" in printed and "(stage full)" in printed
+    run_args = json.loads((output / "run_args.json").read_text())["model"]
+    assert run_args["vision_pretraining_steps"] == 4 and run_args["freeze_vision_tower"] is True
+    card = (output / "README.md").read_text()
+    assert "| vision tower pretraining steps (stage 0, per-patch labels) | 4 |" in card
+    assert "| vision tower frozen | True |" in card
