@@ -258,10 +258,14 @@ def test_collator_can_put_the_image_after_the_question():
     assert int((prompt == processor.image_token_id).nonzero()[0]) > first_index(prompt, question_ids)
 
 
-def test_curriculum_needs_the_synthetic_data(tmp_path):
+@pytest.mark.parametrize("flag,message", [
+    ("--num_single_shape_first", "--num_single_shape_first is a curriculum of the synthetic data"),
+    ("--vision_pretraining_steps", "per-patch labels, which only the synthetic set provides; set it to 0 with"),
+])
+def test_synthetic_only_options_need_the_synthetic_data(tmp_path, flag, message):
     data = tmp_path / "data.jsonl"
     PIL.Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     data.write_text(json.dumps({"image": "a.png", "question": "q?", "answer": "a"}) + "\n")
-    with pytest.raises(ValueError, match="--num_single_shape_first is a curriculum of the synthetic data"):
-        main(["train", "--dataset", str(data), "--num_single_shape_first", "10", "--output_dir", str(tmp_path / "o"),
+    with pytest.raises(ValueError, match=message):
+        main(["train", "--dataset", str(data), flag, "10", "--output_dir", str(tmp_path / "o"),
               "--max_steps", "1", "--use_cpu", "true"])

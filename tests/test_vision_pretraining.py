@@ -95,14 +95,9 @@ def test_pretraining_rejects_labels_that_do_not_match_the_image_tokens():
         pretrain_vision_tower(model, image_processor, [(images, [[0] * 35 + [16]] * 2)], num_labels=16)
 
 
-def test_cli_runs_stage_zero_by_default_only_for_a_preset_on_the_synthetic_set(tmp_path, capsys):
+def test_cli_rejects_a_negative_number_of_stage_zero_steps(tmp_path):
+    # (Stage 0 on other data than the synthetic set: tests/test_training.py.)
     assert DEFAULT_VISION_PRETRAINING_STEPS > 0
-    data = tmp_path / "data.jsonl"
-    PIL.Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
-    data.write_text(json.dumps({"image": "a.png", "question": "q?", "answer": "a"}) + "\n")
-    with pytest.raises(ValueError, match="only the synthetic set provides; set it to 0 with --dataset"):
-        main(["train", "--dataset", str(data), "--vision_pretraining_steps", "5", "--output_dir", str(tmp_path / "o"),
-              "--max_steps", "1", "--use_cpu", "true"])
     with pytest.raises(ValueError, match="--vision_pretraining_steps must be >= 0"):
         main(["train", "--vision_pretraining_steps", "-1", "--output_dir", str(tmp_path / "o"), "--max_steps", "1",
               "--num_train_examples", "8", "--num_validation_examples", "0", "--num_test_examples", "1",
@@ -124,3 +119,19 @@ def test_cli_pretrains_then_freezes_the_tower_and_records_it(tmp_path, capsys):
     card = (output / "README.md").read_text()
     assert "| vision tower pretraining steps (stage 0, per-patch labels) | 4 |" in card
     assert "| vision tower frozen | True |" in card
+
+
+def test_stage_zero_defaults_resolve_from_the_run():
+    from hf_sparsemoe_vlm.cli import _vision_pretraining, parse_train_args
+
+    def resolved(*argv):
+        model_args, data_args, training_args = parse_train_args(["--output_dir", "unused", *argv])
+        # resuming=True resolves the defaults without running stage 0 (a resumed run takes the tower from disk)
+        _vision_pretraining(None, None, model_args, data_args, training_args, resuming=True)
+        return model_args.vision_pretraining_steps, model_args.freeze_vision_tower
+
+    assert resolved() == (DEFAULT_VISION_PRETRAINING_STEPS, True)  # a preset from scratch on the synthetic set
+    assert resolved("--model_name_or_path", "some/checkpoint") == (0, False)  # a pretrained model: nothing to do
+    assert resolved("--vision_pretraining_steps", "0") == (0, False)
+    assert resolved("--freeze_vision_tower", "false") == (DEFAULT_VISION_PRETRAINING_STEPS, False)
+    assert resolved("--vision_pretraining_steps", "7", "--freeze_vision_tower", "true") == (7, True)
