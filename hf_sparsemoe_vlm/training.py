@@ -36,8 +36,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 # The default of `sparsemoe-vlm train`: the same decoder on a small ResNet tower (6x6 feature map at 48 px, one token
 # per 8 px cell) with image position embeddings that start from the grid coordinates. The convolutions learn
-# per-object shape and colour within ~100 steps of stage-0 pretraining (benchmarks/RESULTS.md). Frozen after stage 0, the tower runs in eval mode (BatchNorm running statistics); a
-# trainable one computes BatchNorm statistics per process under DDP (use SyncBatchNorm for single-process equivalence).
+# per-object shape and colour within ~100 steps of stage-0 pretraining (benchmarks/RESULTS.md). Frozen after stage 0,
+# the tower runs in eval mode (BatchNorm running statistics); a trainable one computes BatchNorm statistics per
+# process under DDP (use SyncBatchNorm for single-process equivalence).
 PRESETS["tiny-resnet"] = {
     **PRESETS["tiny"],
     "vision_config": {"model_type": "resnet", "embedding_size": 32, "hidden_sizes": [48, 96], "depths": [1, 1],
@@ -137,7 +138,7 @@ def pretrain_vision_tower(model, image_processor, batches, num_labels: int, lear
     base = model.model if hasattr(model, "model") else model
     seq_length = model.config.image_seq_length
     head = torch.nn.Linear(model.config.vision_feature_size, num_labels).to(model.device)
-    tower_params = [p for p in base.vision_tower.parameters()]
+    tower_params = list(base.vision_tower.parameters())
     optimizer = torch.optim.AdamW(tower_params + list(head.parameters()), lr=learning_rate, weight_decay=0.0)
     was_training, requires_grad = model.training, [p.requires_grad for p in tower_params]
     base.vision_tower.train()
@@ -146,7 +147,7 @@ def pretrain_vision_tower(model, image_processor, batches, num_labels: int, lear
     losses = []
     for step, (images, labels) in enumerate(batches, start=1):
         labels = torch.as_tensor(labels, dtype=torch.long, device=model.device)
-        if labels.ndim != 2 or labels.shape != (len(images), seq_length):
+        if labels.shape != (len(images), seq_length):
             raise ValueError(f"Patch labels must have shape (num_images, image_seq_length) = ({len(images)}, "
                              f"{seq_length}) for this model (one label per image token, row by row); got "
                              f"{tuple(labels.shape)}.")
