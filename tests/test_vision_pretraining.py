@@ -7,7 +7,13 @@ import torch
 
 from hf_sparsemoe_vlm import SparseMoEVLMConfig, SparseMoEVLMForConditionalGeneration, SparseMoEVLMImageProcessor
 from hf_sparsemoe_vlm.cli import DEFAULT_VISION_PRETRAINING_STEPS, main
-from hf_sparsemoe_vlm.synthetic_shapes import PATCH_LABELS, PlacedShape, patch_label_batches, patch_labels
+from hf_sparsemoe_vlm.synthetic_shapes import (
+    COLOURS,
+    PATCH_LABELS,
+    PlacedShape,
+    patch_label_batches,
+    patch_labels,
+)
 from hf_sparsemoe_vlm.training import preset_config, pretrain_vision_tower
 
 
@@ -41,7 +47,6 @@ def test_patch_label_batches_are_deterministic_and_match_their_images():
             if label:
                 colour = PATCH_LABELS[label].split()[0]
                 crop = image.crop(((cell % 4) * 12, (cell // 4) * 12, (cell % 4 + 1) * 12, (cell // 4 + 1) * 12))
-                from hf_sparsemoe_vlm.synthetic_shapes import COLOURS
                 assert COLOURS[colour] in {rgb for _, rgb in crop.getcolors()}
 
 
