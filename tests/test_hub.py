@@ -45,9 +45,11 @@ CHECK_LOGITS = """
         assert all(torch.equal(inputs[key], expected["inputs"][key]) for key in ("input_ids", "pixel_values"))
         with torch.no_grad():
             logits = model(**inputs).logits
-        # The weights are bit-identical (above), but loaded tensors live at 16-byte offsets of the memory-mapped
-        # safetensors file rather than at 64-byte aligned fresh allocations, which steers a few CPU kernels onto other
-        # code paths: logits may move by an ulp (~1e-8). v1 and v2 differ by orders of magnitude more.
+        # Bit-identical to the same checkpoint loaded from a local folder before the push. The in-memory model may
+        # differ by an ulp (~1e-8): loaded tensors live at 16-byte offsets of the memory-mapped safetensors file
+        # rather than at 64-byte aligned fresh allocations, which steers a few CPU kernels onto other code paths.
+        # v1 and v2 differ by orders of magnitude more.
+        assert torch.equal(logits, expected[version + "_reloaded"])
         torch.testing.assert_close(logits, expected[version], rtol=0, atol=1e-6)
         return processor, model
 """
@@ -103,6 +105,11 @@ def published(hub_server, tmp_path_factory):
             expected = {{"inputs": dict(inputs), "v1": model(**inputs).logits, "v2": model_v2(**inputs).logits,
                         "v1_state": {{name: tensor.clone() for name, tensor in model.state_dict().items()}},
                         "v2_state": {{name: tensor.clone() for name, tensor in model_v2.state_dict().items()}}}}
+        for version, pushed in (("v1", model), ("v2", model_v2)):
+            pushed.save_pretrained("local-" + version)
+            reloaded = SparseMoEVLMForConditionalGeneration.from_pretrained("local-" + version).eval()
+            with torch.no_grad():
+                expected[version + "_reloaded"] = reloaded(**inputs).logits
         generated = model.generate(**inputs, max_new_tokens=5, do_sample=False)
         new_tokens = generated[:, inputs["input_ids"].shape[1]:]
         expected["text"] = processor.batch_decode(new_tokens, skip_special_tokens=True)[0]
