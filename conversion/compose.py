@@ -82,7 +82,10 @@ def load_vision_weights(tower, vision_dir: Path):
     heads the VLM never uses are left out; anything missing or not fitting raises."""
     from transformers import AutoModel
 
-    encoder = vision_half(AutoModel.from_pretrained(vision_dir, dtype=torch.float32)).eval()
+    from hf_sparsemoe_vlm.upcycling import load_source
+
+    encoder = vision_half(load_source("the vision encoder", vision_dir, lambda: AutoModel.from_pretrained(
+        vision_dir, dtype=torch.float32))).eval()
     state, target = encoder.state_dict(), tower.state_dict()
     missing = sorted(set(target) - set(state))
     if missing:
@@ -104,15 +107,21 @@ def compose(args):
         SparseMoEVLMImageProcessor,
         SparseMoEVLMProcessor,
     )
-    from hf_sparsemoe_vlm.upcycling import sparse_text_config_from_dense, upcycle_decoder_state_dict, upcycling_options
+    from hf_sparsemoe_vlm.upcycling import (
+        load_source,
+        sparse_text_config_from_dense,
+        upcycle_decoder_state_dict,
+        upcycling_options,
+    )
 
     vision_dir, lm_dir = Path(args.vision), Path(args.language_model)
     vision_config, lm_config = check_inputs(vision_dir, lm_dir)
-    tokenizer = AutoTokenizer.from_pretrained(lm_dir)
+    tokenizer = load_source("the tokenizer", lm_dir, lambda: AutoTokenizer.from_pretrained(lm_dir))
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    lm = AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32).eval()
+    lm = load_source("the language model", lm_dir, lambda: AutoModelForCausalLM.from_pretrained(
+        lm_dir, dtype=torch.float32)).eval()
     old_vocab = lm.config.vocab_size
     vocab_size = max(old_vocab, len(tokenizer))
 

@@ -259,12 +259,16 @@ def load_weights(input_dir: Path) -> dict[str, torch.Tensor]:
             raise ConversionError(f"{index_name} lists shards that are missing: {missing}.")
     state: dict[str, torch.Tensor] = {}
     for path in files:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
 
-            part = load_file(path)
-        else:
-            part = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                part = load_file(path)
+            else:
+                part = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as error:  # truncated download, not a weight file, pickled code (weights_only refuses it)
+            raise ConversionError(f"Could not read the weight file {path}: {type(error).__name__}: {error}. "
+                                  "Re-download it.") from error
         duplicated = sorted(set(part) & set(state))
         if duplicated:
             raise ConversionError(f"Tensor(s) {duplicated[:4]} appear in more than one weight file ({path.name}).")

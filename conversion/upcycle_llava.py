@@ -111,6 +111,7 @@ def convert(argv: list[str] | None = None) -> Path:
 
     from hf_sparsemoe_vlm.upcycling import (
         check_output_dir,
+        load_source,
         parameter_summary,
         upcycle_llava,
         upcycling_options,
@@ -123,8 +124,9 @@ def convert(argv: list[str] | None = None) -> Path:
     output_dir = check_output_dir(args.output, args.overwrite)
     check_input(input_dir)
     options = upcycling_options(args)
-    llava = LlavaForConditionalGeneration.from_pretrained(input_dir, dtype=torch.float32).eval()
-    llava_processor = AutoProcessor.from_pretrained(input_dir)
+    llava = load_source("the LLaVA model", input_dir, lambda: LlavaForConditionalGeneration.from_pretrained(
+        input_dir, dtype=torch.float32).eval())
+    llava_processor = load_source("the LLaVA processor", input_dir, lambda: AutoProcessor.from_pretrained(input_dir))
     model = upcycle_llava(llava, noise_std=args.noise_std, seed=args.seed, **options)
     processor = processor_from_llava(llava_processor, model.config)
 

@@ -296,6 +296,17 @@ def run_conversion_script(convert: Callable[[list[str] | None], object], argv: l
     return 0
 
 
+def load_source(what: str, folder: str | Path, load: Callable[[], object]):
+    """Return `load()`; any failure to read a source checkpoint (truncated or corrupt weights, weights that do not
+    fit the folder's config.json, missing tokenizer files) becomes a `ValueError` naming the part and the folder,
+    so the scripts report it as an error instead of a traceback."""
+    try:
+        return load()
+    except Exception as error:
+        raise ValueError(f"Could not load {what} from {folder}: {type(error).__name__}: {error}. Check that the "
+                         f"folder holds a complete checkpoint (re-download or re-save it).") from error
+
+
 def check_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
     """Refuse (before any work) to write into a non-empty folder unless `overwrite`; refuse a file path."""
     output_dir = Path(output_dir)
@@ -398,6 +409,7 @@ def write_converted_checkpoint(
 
 __all__ = [
     "check_output_dir",
+    "load_source",
     "parameter_summary",
     "run_conversion_script",
     "parse_layer_selection",

@@ -305,3 +305,27 @@ def test_an_interrupted_write_leaves_no_checkpoint(tmp_path, monkeypatch):
         write_converted_checkpoint(model, processor, tmp_path / "out")
     assert "model.safetensors" in written  # the weights had been written (to the hidden staging folder) ...
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))  # ... and are gone
+
+
+@pytest.mark.parametrize("broken", ["vision", "lm"])
+def test_corrupt_source_weights_are_an_error_naming_the_folder(tmp_path, capsys, broken):
+    """A truncated download of any source fails with a message naming the part and folder, nothing is written, and
+    the source is left as it was."""
+    llava_dir = tmp_path / "llava"
+    save_llava(llava_dir)
+    vision_dir, lm_dir = save_parts(tmp_path)
+    weights = {"vision": vision_dir, "lm": lm_dir}[broken] / "model.safetensors"
+    for path in (weights, llava_dir / "model.safetensors"):
+        path.write_bytes(path.read_bytes()[:3000])
+    truncated = weights.read_bytes()
+
+    assert load_script("upcycle_llava").main(["--input", str(llava_dir), "--output", str(tmp_path / "a")]) == 1
+    assert f"error: Could not load the LLaVA model from {llava_dir}: SafetensorError" in capsys.readouterr().err
+    assert load_script("compose").main(["--vision", str(vision_dir), "--language_model", str(lm_dir),
+                                        "--output", str(tmp_path / "b")]) == 1
+    part = {"vision": "the vision encoder", "lm": "the language model"}[broken]
+    folder = {"vision": vision_dir, "lm": lm_dir}[broken]
+    error = capsys.readouterr().err
+    assert f"error: Could not load {part} from {folder}: SafetensorError" in error and "re-download" in error
+    assert weights.read_bytes() == truncated
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not list(tmp_path.glob(".[ab].*"))

@@ -520,3 +520,19 @@ def test_shape_mismatches_exit_non_zero(edit, match, tmp_path, tokenizer_dir, vi
     assert str(exit_info.value.code).startswith("error:")
     assert re.search(match, str(exit_info.value.code)), exit_info.value.code
     _assert_nothing_written(tmp_path / "out")
+
+
+@pytest.mark.parametrize("fmt, weights", [("safetensors", "model.safetensors"), ("bin", "pytorch_model.bin")])
+def test_truncated_weight_file_is_named_and_left_alone(fmt, weights, tmp_path, tokenizer_dir, vision_tower_dir):
+    input_dir = tmp_path / "truncated"
+    make_checkpoint(input_dir, tokenizer_dir, fmt=fmt)
+    path = input_dir / weights
+    path.write_bytes(path.read_bytes()[:4000])  # an interrupted download
+    before = path.read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        cml.main(["--input", str(input_dir), "--output", str(tmp_path / "out"), "--vision_tower",
+                  str(vision_tower_dir)])
+    message = str(exit_info.value.code)
+    assert message.startswith(f"error: Could not read the weight file {path}") and "Re-download it" in message
+    assert path.read_bytes() == before
+    _assert_nothing_written(tmp_path / "out")
