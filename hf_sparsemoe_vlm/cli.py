@@ -319,7 +319,9 @@ def push(argv: list[str]) -> str:
     import shutil
     import tempfile
 
-    from huggingface_hub import HfApi, ModelCard
+    from huggingface_hub import HfApi, ModelCard, constants
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
 
     from . import SparseMoEVLMForConditionalGeneration, SparseMoEVLMProcessor
     from .model_card import write_model_card
@@ -333,6 +335,10 @@ def push(argv: list[str]) -> str:
     parser = HfArgumentParser(PushArguments, prog="sparsemoe-vlm push <folder> <repo_id>")
     (args,) = parser.parse_args_into_dataclasses(args=argv)
     folder = Path(args.folder)
+    try:
+        validate_repo_id(args.repo_id)
+    except HFValidationError as error:
+        raise SystemExit(f"Refusing to push to {args.repo_id!r}: {error} Use `namespace/name` or `name`.") from None
     if not (folder / "config.json").is_file():
         raise SystemExit(f"Refusing to upload {folder}: no config.json there. Pass a folder written by "
                          f"`save_pretrained` or `sparsemoe-vlm train`.")
@@ -368,11 +374,18 @@ def push(argv: list[str]) -> str:
             card = (stage / "README.md").read_text()
             (stage / "README.md").write_text("\n".join(line for line in card.splitlines()
                                                         if "(expert_load.png)" not in line) + "\n")
-        api.create_repo(args.repo_id, private=args.private, exist_ok=True)
-        if args.revision and args.revision != "main":
-            api.create_branch(args.repo_id, branch=args.revision, exist_ok=True)
-        commit = api.upload_folder(repo_id=args.repo_id, folder_path=stage, revision=args.revision,
-                                   commit_message=args.commit_message)
+        try:
+            api.create_repo(args.repo_id, private=args.private, exist_ok=True)
+            if args.revision and args.revision != "main":
+                api.create_branch(args.repo_id, branch=args.revision, exist_ok=True)
+            commit = api.upload_folder(repo_id=args.repo_id, folder_path=stage, revision=args.revision,
+                                       commit_message=args.commit_message)
+        except Exception as error:  # HTTP errors (401, 403, 404, ...) and unreachable endpoints alike
+            # upload_folder is one commit: a failure before it returns leaves the repository's history unchanged.
+            raise SystemExit(
+                f"Push of {folder} to {args.repo_id} failed, no commit was made ({type(error).__name__}: {error}). "
+                f"Check the token (`hf auth login`, HF_TOKEN or --token), that it may write to this namespace, "
+                f"and the endpoint ({constants.ENDPOINT}).") from None
     print(f"Pushed {folder} to {args.repo_id} ({args.revision or 'main'}): {commit.commit_url}")
     return commit.commit_url
 

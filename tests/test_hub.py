@@ -553,6 +553,34 @@ def test_push_command_to_a_branch_without_the_plot(hub_server, tmp_path):
     assert "model.safetensors" not in hub_server.files("org/branch-run", revision="main")
 
 
+@pytest.mark.slow
+def test_push_command_with_a_rejected_token_exits_cleanly_and_commits_nothing(hub_server, tmp_path):
+    folder = tmp_path / "run"
+    _training_folder(folder)
+    script = f"""
+        from hf_sparsemoe_vlm.cli import main
+        try:
+            main(["push", {str(folder)!r}, "org/tiny-sparsemoe-vlm"])
+        except SystemExit as error:
+            print("EXIT:", error)
+    """
+    head = hub_server.head(REPO) if REPO in hub_server.repos else None
+    result = run_client(hub_server, tmp_path / "hf_home", script, HF_TOKEN="hf_not_a_valid_token")
+    assert "EXIT: Push of" in result.stdout and "failed, no commit was made" in result.stdout
+    assert "401" in result.stdout and "Check the token" in result.stdout
+    assert (hub_server.head(REPO) if REPO in hub_server.repos else None) == head
+    # An unreachable endpoint is reported the same way, naming the endpoint.
+    result = run_client(hub_server, tmp_path / "hf_home", script, HF_ENDPOINT="http://127.0.0.1:9")
+    assert "failed, no commit was made" in result.stdout and "http://127.0.0.1:9" in result.stdout
+
+
+def test_push_command_refuses_an_invalid_repo_id_before_loading_anything(tmp_path):
+    from hf_sparsemoe_vlm.cli import main
+
+    with pytest.raises(SystemExit, match=r"Refusing to push to 'org/bad name!': Repo id must use alphanumeric"):
+        main(["push", str(tmp_path / "not-even-a-folder"), "org/bad name!"])
+
+
 def test_push_command_refuses_a_processor_that_does_not_match_the_model(tmp_path):
     from hf_sparsemoe_vlm.cli import main
 
