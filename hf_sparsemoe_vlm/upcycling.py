@@ -12,6 +12,7 @@ take a share of the MLP's output projection that the routed experts give up.
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -269,12 +270,25 @@ def upcycling_options(args) -> dict:
     return options
 
 
+def shard_size(value: str) -> str | int:
+    """`--max_shard_size` as `save_pretrained` takes it (a size string or a byte count), checked when the arguments
+    are parsed rather than after the conversion."""
+    import argparse
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]B)?\s*", value, flags=re.IGNORECASE)
+    if match is None or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a shard size; use a positive number of bytes or a "
+                                         f"number with KB, MB, GB or TB, e.g. 5GB or 500MB")
+    return value.strip() if match.group(2) else int(float(match.group(1)))
+
+
 def add_output_arguments(parser) -> None:
     """Output options shared by every conversion script."""
     group = parser.add_argument_group("output")
     group.add_argument("--output", required=True, help="Folder for the converted checkpoint (must be empty).")
     group.add_argument("--overwrite", action="store_true", help="Replace the contents of a non-empty --output.")
-    group.add_argument("--max_shard_size", default="5GB", help="Largest safetensors shard, e.g. 5GB, 500MB.")
+    group.add_argument("--max_shard_size", default="5GB", type=shard_size,
+                       help="Largest safetensors shard: bytes, or a number with KB, MB, GB or TB (5GB, 500MB).")
     group.add_argument("--per_expert_layout", action="store_true",
                        help="Write one tensor per expert and projection (experts.<e>.gate_proj.weight, ...) instead "
                             "of the fused expert tensors; both layouts load with from_pretrained.")

@@ -329,3 +329,14 @@ def test_corrupt_source_weights_are_an_error_naming_the_folder(tmp_path, capsys,
     assert f"error: Could not load {part} from {folder}: SafetensorError" in error and "re-download" in error
     assert weights.read_bytes() == truncated
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not list(tmp_path.glob(".[ab].*"))
+
+
+@pytest.mark.parametrize("script", ["upcycle_llava", "compose", "convert_moe_llava"])
+def test_a_bad_shard_size_is_refused_when_the_arguments_are_parsed(script, tmp_path, capsys):
+    inputs = {"upcycle_llava": ["--input", str(tmp_path)], "convert_moe_llava": ["--input", str(tmp_path)],
+              "compose": ["--vision", str(tmp_path), "--language_model", str(tmp_path)]}[script]
+    with pytest.raises(SystemExit) as exit_info:
+        load_script(script).main([*inputs, "--output", str(tmp_path / "out"), "--max_shard_size", "lots"])
+    assert exit_info.value.code == 2
+    assert "argument --max_shard_size: 'lots' is not a shard size" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
