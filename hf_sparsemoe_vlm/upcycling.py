@@ -368,6 +368,22 @@ def parameter_summary(model: SparseMoEVLMForConditionalGeneration, title: str, r
     return "\n".join([title, "-" * len(title)] + [f"{name.ljust(width)}  {value}" for name, value in table])
 
 
+def _remove_stale_staging(output_dir: Path) -> None:
+    """Delete the hidden staging folders that killed conversions into `output_dir` left behind (their process is
+    gone); a conversion still running into the same folder keeps its own."""
+    for folder in output_dir.parent.glob(f".{output_dir.name}.partial-*"):
+        pid = folder.name.rsplit("-", 1)[1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            print(f"Removing {folder}, left by an interrupted conversion (process {pid} is gone).")
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:  # another user's live process
+            pass
+
+
 def write_converted_checkpoint(
     model: SparseMoEVLMForConditionalGeneration,
     processor,
@@ -387,6 +403,7 @@ def write_converted_checkpoint(
     from .model_card import write_model_card
 
     output_dir = check_output_dir(output_dir, overwrite).resolve()
+    _remove_stale_staging(output_dir)
     staging = output_dir.parent / f".{output_dir.name}.partial-{os.getpid()}"
     if staging.exists():
         shutil.rmtree(staging)

@@ -340,3 +340,32 @@ def test_a_bad_shard_size_is_refused_when_the_arguments_are_parsed(script, tmp_p
     assert exit_info.value.code == 2
     assert "argument --max_shard_size: 'lots' is not a shard size" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_conversion_killed_mid_write_leaves_no_checkpoint_and_a_rerun_cleans_up(tmp_path):
+    import signal
+
+    save_llava(tmp_path / "llava")
+    output = tmp_path / "out"
+    command = [str(ROOT / "conversion" / "upcycle_llava.py"), "--input", str(tmp_path / "llava"), "--output",
+               str(output)]
+    # SIGKILL (no cleanup code runs) once the weights are written, before the processor files.
+    killed = f"""
+import os, runpy, signal, sys
+from hf_sparsemoe_vlm import SparseMoEVLMProcessor
+SparseMoEVLMProcessor.save_pretrained = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+sys.argv = {command!r}
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+    result = subprocess.run([sys.executable, "-c", killed], capture_output=True, text=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    assert not output.exists()
+    (staging,) = tmp_path.glob(".out.partial-*")  # hidden, and without the files a checkpoint needs
+    assert (staging / "model.safetensors").is_file() and not (staging / "processor_config.json").exists()
+
+    result = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"Removing {staging}, left by an interrupted conversion" in result.stdout
+    assert not list(tmp_path.glob(".out.partial-*"))
+    assert SparseMoEVLMProcessor.from_pretrained(output).image_seq_length == 16
