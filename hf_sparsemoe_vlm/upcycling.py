@@ -242,6 +242,45 @@ def _laplace_defaults(config: SparseMoEVLMConfig) -> dict[str, torch.Tensor]:
             for i in text_config.sparse_layer_indices for group in text_config.expert_groups}
 
 
+OUTPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def output_dtype(choice: str, source_config: PreTrainedConfig) -> torch.dtype:
+    """`--dtype` resolved: `auto` is the dtype the source's config records (its text model's for a composite config
+    that records none at the top), float32 where it records none."""
+    if choice != "auto":
+        return OUTPUT_DTYPES[choice]
+    for config in (source_config, getattr(source_config, "text_config", None)):
+        dtype = getattr(config, "dtype", None)
+        dtype = OUTPUT_DTYPES.get(dtype) if isinstance(dtype, str) else dtype
+        if dtype in OUTPUT_DTYPES.values():
+            return dtype
+    return torch.float32
+
+
+def logits_tolerance(dtype: torch.dtype, reference_logits: torch.Tensor) -> float:
+    """Largest max-abs logit difference that still counts as "the converted model reproduces the source".
+
+    float32: 1e-5. Half precision: the routing constants upcycling relies on (ReLU router bias `1 / E`, shared
+    experts' share `1 / (1 + S)`) are not representable in bfloat16 / float16 for most `E` and `S`, so the written
+    model reproduces the source up to one rounding step of those constants: 1e-5 plus the dtype's epsilon times
+    the largest reference logit."""
+    if dtype == torch.float32:
+        return 1e-5
+    return 1e-5 + torch.finfo(dtype).eps * max(1.0, reference_logits.abs().max().item())
+
+
+@torch.no_grad()
+def round_parameters(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Round `model`'s parameters to `dtype` in place, keeping them float32: the reference a checkpoint written in
+    `dtype` reproduces exactly. Buffers (rotary frequencies) stay as they are, as they do in a model loaded in
+    `dtype`."""
+    if dtype != torch.float32:
+        for parameter in model.parameters():
+            parameter.copy_(parameter.to(dtype))
+    return model
+
+
 def add_upcycling_arguments(parser) -> None:
     """Command-line options shared by the upcycling scripts (`conversion/upcycle_llava.py`, `conversion/compose.py`)."""
     group = parser.add_argument_group("upcycling")
@@ -259,6 +298,9 @@ def add_upcycling_arguments(parser) -> None:
                        help="Relative Gaussian noise on each expert copy (0 = exact copies, the converted model then "
                             "reproduces the dense one).")
     group.add_argument("--seed", type=int, default=0, help="Seed of router initialisation and noise.")
+    group.add_argument("--dtype", default="auto", choices=("auto", *OUTPUT_DTYPES),
+                       help="dtype of the written weights (auto: the one the source's config.json records, float32 "
+                            "if none). The checks against the source then use its weights rounded to this dtype.")
 
 
 def upcycling_options(args) -> dict:
@@ -396,8 +438,9 @@ def write_converted_checkpoint(
     verify: Callable[[SparseMoEVLMForConditionalGeneration], None] | None = None,
 ) -> Path:
     """Save `model` + `processor` + model card (+ `conversion.json`) so that a finished folder is always complete:
-    everything is written to a hidden sibling folder, re-loaded from disk and checked (the re-loaded model must
-    give the in-memory model's logits up to float rounding, and `verify(reloaded)` must pass), and only then moved into place.
+    everything is written to a hidden sibling folder, re-loaded from disk (in the model's dtype) and checked (the
+    re-loaded weights must equal the in-memory ones bit for bit, a float32 model must give the same logits up to
+    float rounding, and `verify(reloaded)` must pass), and only then moved into place.
     An interruption leaves at most the hidden `.<name>.partial-<pid>` folder, never a checkpoint that looks
     complete; a failed check raises and removes it."""
     from .model_card import write_model_card
@@ -414,15 +457,23 @@ def write_converted_checkpoint(
         if conversion_info is not None:
             (staging / "conversion.json").write_text(json.dumps(conversion_info, indent=2, default=str))
         write_model_card(model, staging, run_dir=None, **(card_kwargs or {}))
-        reloaded = SparseMoEVLMForConditionalGeneration.from_pretrained(staging).eval()
-        inputs = verification_inputs(model.config)
-        with torch.no_grad():
-            expected, actual = model.eval()(**inputs).logits, reloaded(**inputs).logits
-        # Memory-mapped weights can take other CPU kernel paths: allow float rounding, nothing more.
-        if not torch.allclose(expected, actual, rtol=1e-5, atol=1e-5):
-            raise RuntimeError(f"The written checkpoint does not reproduce the converted model (max abs logit "
-                               f"difference {(expected - actual).abs().max().item():.3g}); nothing was written to "
+        reloaded = SparseMoEVLMForConditionalGeneration.from_pretrained(staging, dtype=model.dtype).eval()
+        written, converted = reloaded.state_dict(), model.state_dict()
+        differing = sorted(k for k in converted.keys() | written.keys()
+                           if k not in written or k not in converted or not torch.equal(written[k], converted[k]))
+        if differing:
+            raise RuntimeError(f"The written checkpoint does not hold the converted weights ({len(differing)} "
+                               f"tensors differ or are missing, e.g. {differing[:3]}); nothing was written to "
                                f"{output_dir}.")
+        if model.dtype == torch.float32:  # half-precision logits depend on kernel paths; the weights are checked
+            inputs = verification_inputs(model.config)
+            with torch.no_grad():
+                expected, actual = model.eval()(**inputs).logits, reloaded(**inputs).logits
+            # Memory-mapped weights can take other CPU kernel paths: allow float rounding, nothing more.
+            if not torch.allclose(expected, actual, rtol=1e-5, atol=1e-5):
+                raise RuntimeError(f"The written checkpoint does not reproduce the converted model (max abs logit "
+                                   f"difference {(expected - actual).abs().max().item():.3g}); nothing was written "
+                                   f"to {output_dir}.")
         if verify is not None:
             verify(reloaded)
     except BaseException:
@@ -441,9 +492,12 @@ def write_converted_checkpoint(
 __all__ = [
     "check_output_dir",
     "load_source",
+    "logits_tolerance",
+    "output_dtype",
     "parameter_summary",
     "run_conversion_script",
     "parse_layer_selection",
+    "round_parameters",
     "sparse_text_config_from_dense",
     "upcycle_decoder_state_dict",
     "upcycle_llava",
