@@ -208,7 +208,8 @@ def convert(argv: list[str] | None = None) -> Path:
 
     args = build_parser().parse_args(argv)
     started = time.time()
-    output_dir = check_output_dir(args.output, args.overwrite)
+    output_dir = check_output_dir(args.output, args.overwrite,
+                                  sources={"--vision": args.vision, "--language_model": args.language_model})
     model, processor, lm, encoder, old_vocab = compose(args)
     dtype = output_dtype(args.dtype, AutoConfig.from_pretrained(args.language_model))
     # Written in `dtype`; checked against the parts with their weights rounded the same way.

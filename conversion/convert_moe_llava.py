@@ -683,11 +683,9 @@ def convert(
         raise ConversionError(f"Input folder {input_dir} does not exist.")
     if output_dir is not None:
         try:
-            check_output_dir(output_dir, overwrite)
+            check_output_dir(output_dir, overwrite, sources={"--input": input_dir, "--vision_tower": vision_tower})
         except ValueError as error:
             raise ConversionError(str(error)) from None
-        if Path(output_dir).resolve() == input_dir.resolve():
-            raise ConversionError("--output must differ from --input.")
     if chat_template not in ("moe-llava", "package"):
         raise ConversionError(f"--chat_template must be 'moe-llava' or 'package', got {chat_template!r}.")
     vision_tower = Path(vision_tower) if vision_tower is not None else None

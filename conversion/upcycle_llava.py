@@ -127,7 +127,7 @@ def convert(argv: list[str] | None = None) -> Path:
     args = build_parser().parse_args(argv)
     started = time.time()
     input_dir = Path(args.input)
-    output_dir = check_output_dir(args.output, args.overwrite)
+    output_dir = check_output_dir(args.output, args.overwrite, sources={"--input": args.input})
     dtype = output_dtype(args.dtype, check_input(input_dir))
     options = upcycling_options(args)
     llava = load_source("the LLaVA model", input_dir, lambda: LlavaForConditionalGeneration.from_pretrained(

@@ -363,11 +363,22 @@ def load_source(what: str, folder: str | Path, load: Callable[[], object]):
                          f"folder holds a complete checkpoint (re-download or re-save it).") from error
 
 
-def check_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
-    """Refuse (before any work) to write into a non-empty folder unless `overwrite`; refuse a file path."""
+def check_output_dir(output_dir: str | Path, overwrite: bool, sources: dict[str, str | Path | None] | None = None
+                     ) -> Path:
+    """Refuse (before any work) to write into a non-empty folder unless `overwrite`, into a file path, or over one
+    of the `sources` (`{"--input": folder}`): `--overwrite` would otherwise replace the checkpoint being converted.
+    Folders left by killed conversions into `output_dir` are cleaned up first."""
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"Output path {output_dir} is a file; pass a folder.")
+    for option, source in (sources or {}).items():
+        if source is None:
+            continue
+        source, output = Path(source).resolve(), output_dir.resolve()
+        if output == source or output in source.parents or source in output.parents:
+            raise ValueError(f"--output {output_dir} is or contains or lies inside {option} {source}: writing there "
+                             f"would overwrite the checkpoint being converted; choose a separate folder.")
+    _recover_interrupted_conversions(output_dir)
     if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
         raise ValueError(f"Output folder {output_dir} is not empty; pass --overwrite to replace its contents or "
                          f"choose another folder.")
@@ -410,20 +421,29 @@ def parameter_summary(model: SparseMoEVLMForConditionalGeneration, title: str, r
     return "\n".join([title, "-" * len(title)] + [f"{name.ljust(width)}  {value}" for name, value in table])
 
 
-def _remove_stale_staging(output_dir: Path) -> None:
-    """Delete the hidden staging folders that killed conversions into `output_dir` left behind (their process is
-    gone); a conversion still running into the same folder keeps its own."""
-    for folder in output_dir.parent.glob(f".{output_dir.name}.partial-*"):
+def _recover_interrupted_conversions(output_dir: Path) -> None:
+    """Clean up after conversions into `output_dir` that were killed (their process is gone): a hidden staging
+    folder `.<name>.partial-<pid>` is deleted; a previous checkpoint `.<name>.old-<pid>` set aside by an `--overwrite`
+    swap is put back when the kill left no `output_dir`, else deleted. A conversion still running into the same
+    folder keeps its own."""
+    for folder in sorted(output_dir.parent.glob(f".{output_dir.name}.old-*")) + \
+            sorted(output_dir.parent.glob(f".{output_dir.name}.partial-*")):
         pid = folder.name.rsplit("-", 1)[1]
         if not pid.isdigit():
             continue
         try:
             os.kill(int(pid), 0)
+            continue  # still running
         except ProcessLookupError:
+            pass
+        except PermissionError:  # another user's live process
+            continue
+        if folder.name.startswith(f".{output_dir.name}.old-") and not output_dir.exists():
+            print(f"Restoring {output_dir} from {folder}: an interrupted --overwrite (process {pid}) had set it aside.")
+            os.replace(folder, output_dir)
+        else:
             print(f"Removing {folder}, left by an interrupted conversion (process {pid} is gone).")
             shutil.rmtree(folder, ignore_errors=True)
-        except PermissionError:  # another user's live process
-            pass
 
 
 def write_converted_checkpoint(
@@ -441,12 +461,12 @@ def write_converted_checkpoint(
     everything is written to a hidden sibling folder, re-loaded from disk (in the model's dtype) and checked (the
     re-loaded weights must equal the in-memory ones bit for bit, a float32 model must give the same logits up to
     float rounding, and `verify(reloaded)` must pass), and only then moved into place.
-    An interruption leaves at most the hidden `.<name>.partial-<pid>` folder, never a checkpoint that looks
-    complete; a failed check raises and removes it."""
+    An interruption leaves at most the hidden `.<name>.partial-<pid>` folder (and, killed mid `--overwrite` swap,
+    the previous checkpoint set aside as `.<name>.old-<pid>`), never a checkpoint that looks complete; the next
+    conversion into the same folder cleans both up. A failed check raises and removes the staging folder."""
     from .model_card import write_model_card
 
     output_dir = check_output_dir(output_dir, overwrite).resolve()
-    _remove_stale_staging(output_dir)
     staging = output_dir.parent / f".{output_dir.name}.partial-{os.getpid()}"
     if staging.exists():
         shutil.rmtree(staging)

@@ -463,3 +463,60 @@ def test_a_checkpoint_whose_weights_differ_from_the_converted_model_is_not_kept(
                                            r"e\.g\. \['model\.language_model\.norm\.weight'\]\)"):
         write_converted_checkpoint(model, processor, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+@pytest.mark.slow
+def test_a_conversion_killed_mid_overwrite_swap_gets_the_previous_checkpoint_back(tmp_path, capsys):
+    import signal
+
+    save_llava(tmp_path / "llava")
+    output = tmp_path / "out"
+    command = [str(ROOT / "conversion" / "upcycle_llava.py"), "--input", str(tmp_path / "llava"), "--output",
+               str(output)]
+    script = load_script("upcycle_llava")
+    assert script.main([*command[1:], "--router_type", "relu"]) == 0
+    previous = {p.name: p.read_bytes() for p in output.iterdir()}
+    # SIGKILL right after the previous checkpoint was set aside, before the new one is moved into place.
+    killed = f"""
+import os, runpy, signal, sys
+replace = os.replace
+def replace_then_die(source, target):
+    replace(source, target)
+    if ".old-" in str(target):
+        os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace_then_die
+sys.argv = {[*command, "--overwrite"]!r}
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+    result = subprocess.run([sys.executable, "-c", killed], capture_output=True, text=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    assert not output.exists()
+    (old,) = tmp_path.glob(".out.old-*")
+    (staging,) = tmp_path.glob(".out.partial-*")
+
+    # The next conversion into the folder puts the previous checkpoint back, then (no --overwrite) refuses.
+    capsys.readouterr()
+    assert script.main(command[1:]) == 1
+    captured = capsys.readouterr()
+    assert f"Restoring {output} from {old}" in captured.out and f"Removing {staging}" in captured.out
+    assert "not empty; pass --overwrite" in captured.err
+    assert {p.name: p.read_bytes() for p in output.iterdir()} == previous
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llava", "out"]
+    assert SparseMoEVLMForConditionalGeneration.from_pretrained(output).config.text_config.router_type == "relu"
+
+
+@pytest.mark.parametrize("script_name, arguments", [
+    ("upcycle_llava", ["--input", "{llava}", "--output", "{llava}"]),
+    ("upcycle_llava", ["--input", "{llava}", "--output", "{llava}/moe"]),
+    ("compose", ["--vision", "{vision}", "--language_model", "{lm}", "--output", "{lm}"]),
+    ("compose", ["--vision", "{vision}", "--language_model", "{lm}", "--output", "{vision}/.."]),
+])
+def test_output_over_a_source_checkpoint_is_refused_even_with_overwrite(tmp_path, capsys, script_name, arguments):
+    save_llava(tmp_path / "llava")
+    vision_dir, lm_dir = save_parts(tmp_path)
+    folders = {"llava": tmp_path / "llava", "vision": vision_dir, "lm": lm_dir}
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    arguments = [argument.format(**folders) for argument in arguments]
+    assert load_script(script_name).main([*arguments, "--overwrite"]) == 1
+    assert "would overwrite the checkpoint being converted; choose a separate folder" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before

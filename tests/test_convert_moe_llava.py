@@ -536,3 +536,16 @@ def test_truncated_weight_file_is_named_and_left_alone(fmt, weights, tmp_path, t
     assert message.startswith(f"error: Could not read the weight file {path}") and "Re-download it" in message
     assert path.read_bytes() == before
     _assert_nothing_written(tmp_path / "out")
+
+
+@pytest.mark.parametrize("output", ["input", "input/converted", "tower"])
+def test_output_over_the_source_or_the_tower_is_refused_even_with_overwrite(output, llama_checkpoint,
+                                                                             vision_tower_dir):
+    input_dir, _ = llama_checkpoint
+    folder = {"input": input_dir, "input/converted": input_dir / "converted", "tower": vision_tower_dir}[output]
+    before = {p: p.read_bytes() for p in [*input_dir.rglob("*"), *vision_tower_dir.rglob("*")] if p.is_file()}
+    with pytest.raises(SystemExit) as exit_info:
+        cml.main(["--input", str(input_dir), "--output", str(folder), "--vision_tower", str(vision_tower_dir),
+                  "--overwrite"])
+    assert "would overwrite the checkpoint being converted" in str(exit_info.value.code)
+    assert {p: p.read_bytes() for p in [*input_dir.rglob("*"), *vision_tower_dir.rglob("*")] if p.is_file()} == before
