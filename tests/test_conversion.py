@@ -520,3 +520,59 @@ def test_output_over_a_source_checkpoint_is_refused_even_with_overwrite(tmp_path
     assert load_script(script_name).main([*arguments, "--overwrite"]) == 1
     assert "would overwrite the checkpoint being converted; choose a separate folder" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def _weight_keys(folder: Path) -> tuple[set[str], int]:
+    """The stored tensor names of a checkpoint folder and its number of safetensors files."""
+    from safetensors import safe_open
+
+    keys, files = set(), sorted(folder.glob("*.safetensors"))
+    for path in files:
+        with safe_open(path, "pt") as weights:
+            keys |= set(weights.keys())
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        assert set(json.loads(index.read_text())["weight_map"]) == keys
+    return keys, len(files)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script_name", ["upcycle_llava", "compose"])
+def test_export_sharded_and_per_expert_layouts_reload_to_identical_logits(tmp_path, capsys, script_name):
+    if script_name == "upcycle_llava":
+        save_llava(tmp_path / "llava")
+        source = ["--input", str(tmp_path / "llava")]
+    else:
+        vision_dir, lm_dir = save_parts(tmp_path)
+        source = ["--vision", str(vision_dir), "--language_model", str(lm_dir)]
+    script = load_script(script_name)
+    layouts = {"fused": [], "fused, sharded": ["--max_shard_size", "30KB"],
+               "per-expert, sharded": ["--max_shard_size", "30KB", "--per_expert_layout"]}
+    loaded = {}
+    for name, options in layouts.items():
+        output = tmp_path / name.replace(", ", "-")
+        assert script.main([*source, "--output", str(output), "--sparse_layers", "0,2", "--num_experts", "3",
+                            "--num_image_experts", "2", *options]) == 0
+        summary = capsys.readouterr().out
+        assert re.search(r"layout\s+" + ("per-expert tensors" if "--per_expert_layout" in options else
+                                         "fused expert tensors"), summary)
+        keys, files = _weight_keys(output)
+        fused = {k for k in keys if k.endswith(("experts.gate_up_proj", "experts.down_proj"))}
+        per_expert = {k for k in keys if re.search(r"_moe\.experts\.\d+\.(gate|up|down)_proj\.weight$", k)}
+        if "--per_expert_layout" in options:  # 2 sparse layers x (3 text + 2 image experts) x 3 projections
+            assert not fused and len(per_expert) == 2 * 5 * 3
+            assert "model.language_model.layers.2.mlp.image_moe.experts.1.down_proj.weight" in keys
+        else:
+            assert len(fused) == 2 * 2 * 2 and not per_expert
+        assert (files > 1) == ("--max_shard_size" in options)
+        loaded[name] = SparseMoEVLMForConditionalGeneration.from_pretrained(output).eval()
+    for model in loaded.values():  # fresh memory: memory-mapped weights can take other CPU kernels (~1e-7 apart)
+        for parameter in model.parameters():
+            parameter.data = parameter.data.clone()
+    reference = loaded.pop("fused")
+    inputs = verification_inputs(reference.config)
+    expected = logits(reference, inputs)
+    for name, model in loaded.items():
+        for key, tensor in reference.state_dict().items():
+            assert torch.equal(model.state_dict()[key], tensor), (name, key)
+        assert torch.equal(logits(model, inputs), expected), name

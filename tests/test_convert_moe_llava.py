@@ -359,14 +359,19 @@ def test_converted_moe_layer_matches_deepspeed_reference(top_k, tmp_path, tokeni
         torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_per_expert_layout_reloads_to_identical_logits(llama_checkpoint, vision_tower_dir, tmp_path):
-    input_dir, _ = llama_checkpoint
-    fused = run_convert(input_dir, tmp_path / "fused", vision_tower=vision_tower_dir).output_dir
-    split = run_convert(input_dir, tmp_path / "split", vision_tower=vision_tower_dir, per_expert_layout=True).output_dir
+@pytest.mark.parametrize("max_shard_size", ["5GB", "50KB"])
+def test_per_expert_layout_reloads_to_identical_logits(max_shard_size, llama_checkpoint, vision_tower_dir, tmp_path):
     from safetensors import safe_open
 
-    with safe_open(split / "model.safetensors", "pt") as f:
-        keys = set(f.keys())
+    input_dir, _ = llama_checkpoint
+    fused = run_convert(input_dir, tmp_path / "fused", vision_tower=vision_tower_dir).output_dir
+    split = run_convert(input_dir, tmp_path / "split", vision_tower=vision_tower_dir, per_expert_layout=True,
+                        max_shard_size=max_shard_size).output_dir
+    keys, files = set(), sorted(split.glob("*.safetensors"))
+    for path in files:
+        with safe_open(path, "pt") as f:
+            keys |= set(f.keys())
+    assert (len(files) > 1) == (max_shard_size == "50KB")
     assert "model.language_model.layers.0.mlp.text_moe.experts.3.gate_proj.weight" in keys
     assert not any(k.endswith("experts.gate_up_proj") for k in keys)
     a = SparseMoEVLMForConditionalGeneration.from_pretrained(fused).eval()
