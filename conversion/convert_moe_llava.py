@@ -46,10 +46,11 @@ Qwen):
   model.norm / transformer.ln_f, lm_head             -> model.language_model.norm, lm_head    (+ <image> row)
 
 Every source tensor must be used (non-persistent buffers such as `rotary_emb.inv_freq` and CLIP `position_ids`,
-which some old checkpoints carry, are recomputed and dropped); anything else is an error. The mapping is an
-explicit function rather than Transformers' `WeightConverter` rules because the Qwen qkv split, the image-token row
-and the shape checks need custom code anyway; the fused expert tensors it builds are exactly what the model's own
-per-expert conversion mapping builds at load time.
+which some old checkpoints carry, are recomputed and dropped); anything else is an error. Renaming is an explicit
+function (the Qwen qkv split, the image-token row and the per-tensor shape checks need custom code); the experts are
+fused by running the operations of the checkpoint conversion mapping the model registers with Transformers
+(`MergeModulelist` + `Concatenate`, what `from_pretrained` applies to a per-expert checkpoint), so importing and
+loading build the fused tensors the same way.
 
 Supported backbones (decoders a Llama-family decoder reproduces exactly: RMSNorm, SwiGLU MLP, full rotary,
 separate or splittable q/k/v projections): `moe_llava_llama`, `moe_llava_mistral`, `moe_llava_qwen1_5` (Qwen2) and
@@ -423,6 +424,25 @@ def _expert_indices(source: _Source, prefix: str) -> list[int]:
     return sorted({int(m.group(1)) for k in source.remaining if (m := pattern.match(k))})
 
 
+def fuse_experts(gate: list[torch.Tensor], up: list[torch.Tensor], down: list[torch.Tensor]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-expert `(I, H)` gate / up and `(H, I)` down projections -> the fused `(E, 2I, H)` / `(E, H, I)` expert
+    tensors, through the operations of the checkpoint conversion mapping the model registers with Transformers."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    import hf_sparsemoe_vlm.modeling_sparsemoe_vlm  # noqa: F401  (registers the "sparsemoe_vlm" mapping)
+
+    projections = {"gate_proj": gate, "up_proj": up, "down_proj": down}
+    fused: dict[str, torch.Tensor] = {}
+    for rule in get_checkpoint_conversion_mapping("sparsemoe_vlm"):
+        # Source patterns look like `_moe.experts.*.gate_proj.weight`: one list of per-expert tensors each.
+        tensors = {pattern: projections[pattern.split(".")[-2]] for pattern in rule.source_patterns}
+        for operation in rule.operations:
+            tensors = operation.convert(tensors, rule.source_patterns, rule.target_patterns)
+        fused.update(tensors)
+    return fused["_moe.experts.gate_up_proj"], fused["_moe.experts.down_proj"]
+
+
 def map_state_dict(source: _Source, backbone: str, dense, moe: dict, vision_settings: dict,
                    tower_prefix_out: str) -> dict[str, torch.Tensor]:
     """MoE-LLaVA tensors -> SparseMoE-VLM tensors (every shape checked against the decoder config)."""
@@ -527,19 +547,21 @@ def map_state_dict(source: _Source, backbone: str, dense, moe: dict, vision_sett
             raise ConversionError(f"{router_key} has shape {tuple(router.shape)}, expected "
                                   f"({moe['num_experts']}, {hidden}) (num_experts, hidden_size).")
         put(f"{dst}mlp.text_moe.router.weight", router, [router_key])
-        gate_up, down, gate_up_src, down_src = [], [], [], []
+        gates, ups, downs, gate_up_src, down_src = [], [], [], [], []
         for e in expected:
             keys = [f"{experts_prefix}{e}.{name}.weight" for name in mlp_names]
-            gate, up, down_e = (source.take(key, shape) for key, shape in zip(keys, mlp_shapes, strict=True))
+            gate, up, down = (source.take(key, shape) for key, shape in zip(keys, mlp_shapes, strict=True))
             bias = [k for k in source.remaining if k.startswith(f"{experts_prefix}{e}.") and k.endswith(".bias")]
             if bias:
                 raise ConversionError(f"Expert biases ({bias[0]}) are not supported: the fused experts have none.")
-            gate_up.append(torch.cat([gate, up], dim=0))
-            down.append(down_e)
+            gates.append(gate)
+            ups.append(up)
+            downs.append(down)
             gate_up_src += keys[:2]
             down_src.append(keys[2])
-        put(f"{dst}mlp.text_moe.experts.gate_up_proj", torch.stack(gate_up), gate_up_src)
-        put(f"{dst}mlp.text_moe.experts.down_proj", torch.stack(down), down_src)
+        gate_up, down = fuse_experts(gates, ups, downs)
+        put(f"{dst}mlp.text_moe.experts.gate_up_proj", gate_up, gate_up_src)
+        put(f"{dst}mlp.text_moe.experts.down_proj", down, down_src)
 
     for key in [k for k in source.remaining if _DROPPABLE_BUFFERS.search(k)]:
         source.take(key)
@@ -839,13 +861,7 @@ def convert(
         ("image token", token_how),
         ("dtype", str(torch_dtype).removeprefix("torch.")),
     ]
-    summary = parameter_summary(model, "MoE-LLaVA -> SparseMoE-VLM", rows)
-    if notes:
-        summary += "\nnotes:\n" + "\n".join(f"  - {note}" for note in notes)
-    if not quiet:
-        print(summary)
-
-    result = ConversionResult(model=model, processor=processor, summary=summary, key_map=source.key_map, notes=notes)
+    result = ConversionResult(model=model, processor=processor, summary="", key_map=source.key_map, notes=notes)
     if output_dir is not None:
         conversion_info = {
             "base_model": base_model, "method": "moe-llava import", "source": str(input_dir),
@@ -858,8 +874,14 @@ def convert(
         result.output_dir = write_converted_checkpoint(
             model, processor, output_dir, overwrite=overwrite, max_shard_size=max_shard_size,
             per_expert_layout=per_expert_layout, card_kwargs=card_kwargs, conversion_info=conversion_info)
-        if not quiet:
-            print(f"wrote {result.output_dir}")
+        checked = "weights identical" + (", logits within 1e-5" if torch_dtype == torch.float32 else "")
+        rows += [("written checkpoint", f"{result.output_dir} (re-loaded: {checked})"),
+                 ("layout", "per-expert tensors" if per_expert_layout else "fused expert tensors")]
+    result.summary = parameter_summary(model, "MoE-LLaVA -> SparseMoE-VLM", rows)
+    if notes:
+        result.summary += "\nnotes:\n" + "\n".join(f"  - {note}" for note in notes)
+    if not quiet:  # printed once the written checkpoint has passed its checks
+        print(result.summary)
     return result
 
 

@@ -240,6 +240,9 @@ def test_cli_subprocess_converts_and_refuses_non_empty_output(llama_checkpoint, 
     assert done.returncode == 0, done.stderr[-3000:]
     for row in ("source", "backbone", "experts", "MoE layers", "total parameters"):
         assert row in done.stdout
+    # The summary comes once the written checkpoint has been re-loaded and checked.
+    assert re.search(r"written checkpoint\s+" + re.escape(str(output.resolve())) + r" \(re-loaded: weights identical, "
+                     r"logits within 1e-5\)", done.stdout)
     files = {p.name for p in output.iterdir()}
     assert {"config.json", "README.md", "conversion.json", "tokenizer.json", "processor_config.json"} <= files
     assert any(name.startswith("model-") and name.endswith(".safetensors") for name in files)  # sharded at 50KB
@@ -554,3 +557,22 @@ def test_output_over_the_source_or_the_tower_is_refused_even_with_overwrite(outp
                   "--overwrite"])
     assert "would overwrite the checkpoint being converted" in str(exit_info.value.code)
     assert {p: p.read_bytes() for p in [*input_dir.rglob("*"), *vision_tower_dir.rglob("*")] if p.is_file()} == before
+
+
+def test_experts_are_fused_by_the_models_registered_conversion_mapping():
+    """The importer fuses DeepSpeed's per-expert tensors with the operations Transformers runs when it loads a
+    per-expert checkpoint: gate_up = stack(cat(gate, up)), down = stack(down), in expert order."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import Concatenate, MergeModulelist
+
+    rules = get_checkpoint_conversion_mapping("sparsemoe_vlm")
+    assert [[type(op) for op in rule.operations] for rule in rules] == [[MergeModulelist, Concatenate],
+                                                                         [MergeModulelist]]
+    generator = torch.Generator().manual_seed(0)
+    gate, up = ([torch.randn(6, 4, generator=generator) for _ in range(3)] for _ in range(2))
+    down = [torch.randn(4, 6, generator=generator) for _ in range(3)]
+    gate_up, fused_down = cml.fuse_experts(gate, up, down)
+    assert gate_up.shape == (3, 12, 4) and fused_down.shape == (3, 4, 6)
+    for e in range(3):
+        assert torch.equal(gate_up[e, :6], gate[e]) and torch.equal(gate_up[e, 6:], up[e])
+        assert torch.equal(fused_down[e], down[e])
