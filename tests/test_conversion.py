@@ -270,6 +270,16 @@ def test_compose_script_end_to_end_and_its_errors(tmp_path):
     assert result.returncode == 0, result.stderr
     assert re.search(r"image token\s+'<image>' = id \d+", result.stdout)
     model = SparseMoEVLMForConditionalGeneration.from_pretrained(output)
+    from hf_sparsemoe_vlm.model_card import parameter_counts
+
+    counts = parameter_counts(model)
+    assert re.search(rf"total parameters\s+{counts['total']:,}\n", result.stdout)
+    assert re.search(rf"active per text token \(decoder\)\s+{counts['active_per_text_token']:,}\n", result.stdout)
+    assert re.search(r"sparse layers\s+1 of 3: \[1\]", result.stdout)
+    assert re.search(r"layout\s+per-expert tensors", result.stdout)
+    card = ModelCard.load(output / "README.md")
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-text-to-text"
+    assert f"| total | {counts['total']:,} |" in card.text
     assert list(SparseMoEVLMProcessor.from_pretrained(output).image_processor.image_mean) == [0.5, 0.4, 0.3]
     assert model.config.text_config.mlp_layer_types == ["dense", "sparse", "dense"]
     # Rerunning without --overwrite refuses and leaves the checkpoint alone.
@@ -285,6 +295,9 @@ def test_compose_script_end_to_end_and_its_errors(tmp_path):
     assert script.main(["--vision", str(vision_dir), "--language_model", str(gpt2),
                         "--output", str(tmp_path / "never")]) == 1
     assert not (tmp_path / "never").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--help"])
+    assert exit_info.value.code == 0
 
 
 def test_an_interrupted_write_leaves_no_checkpoint(tmp_path, monkeypatch):

@@ -576,3 +576,49 @@ def test_experts_are_fused_by_the_models_registered_conversion_mapping():
     for e in range(3):
         assert torch.equal(gate_up[e, :6], gate[e]) and torch.equal(gate_up[e, 6:], up[e])
         assert torch.equal(fused_down[e], down[e])
+
+
+def test_sharded_qwen1_5_checkpoint_with_layers_from_moe_mode(tmp_path, tokenizer_dir, vision_tower_dir):
+    """A sharded `moe_llava_qwen1_5` checkpoint (Qwen2 decoder: q/k/v biases) whose config leaves `moe_layers_idx`
+    empty: the MoE layers come from MoE-LLaVA's `moe_mode` rule (`sparse` = 0, 2, ...), every tensor of every shard
+    is mapped, and the MoE layers compute what DeepSpeed-MoE computes."""
+    from safetensors.torch import load_file
+
+    input_dir = tmp_path / "qwen1_5"
+
+    def resolve_layers_from_mode(state, config):
+        config["moe"].update(moe_layers_idx=None, moe_mode="sparse")
+
+    source = make_checkpoint(input_dir, tokenizer_dir, "qwen1_5", moe_layers=(0, 2), edit=resolve_layers_from_mode)
+    single = input_dir / "model.safetensors"
+    state, weight_map = load_file(single), {}
+    single.unlink()
+    keys = sorted(state)
+    for shard, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:])):
+        name = f"model-{shard + 1:05d}-of-00002.safetensors"
+        save_file({k: state[k].contiguous() for k in part}, input_dir / name)
+        weight_map.update(dict.fromkeys(part, name))
+    (input_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+    result = run_convert(input_dir, vision_tower=vision_tower_dir)
+    model = result.model
+    assert model.config.text_config.mlp_layer_types == ["sparse", "dense", "sparse", "dense"]
+    assert sorted(k for sources in result.key_map.values() for k in sources) == sorted(source)
+    converted = model.state_dict()
+    for n in "qkv":
+        torch.testing.assert_close(converted[f"model.language_model.layers.1.self_attn.{n}_proj.bias"],
+                                   source[f"model.layers.1.self_attn.{n}_proj.bias"], atol=0, rtol=0)
+    hidden = torch.randn(32, HIDDEN, generator=torch.Generator().manual_seed(3))
+    for layer in (0, 2):
+        s = f"model.layers.{layer}.mlp.deepspeed_moe."
+        experts = [tuple(source[f"{s}experts.deepspeed_experts.{e}.{n}_proj.weight"] for n in ("gate", "up", "down"))
+                   for e in range(EXPERTS)]
+        expected = _deepspeed_moe_reference(hidden, source[s + "gate.wg.weight"], experts, 2)
+        with torch.no_grad():
+            actual = model.model.language_model.layers[layer].mlp(hidden[None])[0]
+        torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+    # A shard the index lists but the folder lacks is named before anything is converted.
+    (input_dir / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(cml.ConversionError, match=r"lists shards that are missing: \['model-00002-of-00002"):
+        run_convert(input_dir, vision_tower=vision_tower_dir)
