@@ -55,6 +55,10 @@ class DataArguments:
     dataset: str = field(default="synthetic", metadata={
         "help": "`synthetic` (the embedded shapes set), a `save_to_disk` folder, an imagefolder directory with "
                 "metadata.jsonl, or a .json/.jsonl file of rows with an image path (LLaVA conversations too)."})
+    dataset_hub_id: str | None = field(default=None, metadata={
+        "help": "Hub id(s) of the training data, comma-separated (e.g. `liuhaotian/LLaVA-Instruct-150K`): the model "
+                "card's `datasets` metadata and the dataset its results are reported on. Local paths never go into "
+                "the card (it names a local dataset by its folder or file name)."})
     image_column: str = field(default="image", metadata={"help": "Image column (or image path field)."})
     question_column: str = field(default="question", metadata={"help": "Question / prompt column."})
     answer_column: str = field(default="answer", metadata={"help": "Answer / target column."})
@@ -299,6 +303,10 @@ def train(argv: list[str]) -> dict[str, float]:
     return metrics
 
 
+def _split_ids(ids: str | None) -> list[str] | None:
+    return [part.strip() for part in ids.split(",") if part.strip()] or None if ids else None
+
+
 @dataclass
 class PushArguments:
     folder: str = field(metadata={"help": "A saved SparseMoE-VLM folder (model + processor), e.g. a training run."})
@@ -307,6 +315,9 @@ class PushArguments:
     private: bool = field(default=False, metadata={"help": "Create the repository as private."})
     commit_message: str = field(default="Upload SparseMoE-VLM model, processor and model card")
     include_plot: bool = field(default=True, metadata={"help": "Upload the folder's expert_load.png with the card."})
+    datasets: str | None = field(default=None, metadata={
+        "help": "Hub dataset id(s), comma-separated, for the card's `datasets` metadata (default: the ones the "
+                "folder's card or training run names)."})
     keep_card: bool = field(default=False, metadata={
         "help": "Upload the folder's README.md unchanged instead of regenerating the card for `repo_id`."})
     token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in token / HF_TOKEN)."})
@@ -366,7 +377,7 @@ def push(argv: list[str]) -> str:
             previous = ModelCard.load(folder / "README.md").data if (folder / "README.md").is_file() else None
             write_model_card(model, stage, model_id=args.repo_id, run_dir=folder,
                              base_model=getattr(previous, "base_model", None),
-                             datasets=getattr(previous, "datasets", None),
+                             datasets=_split_ids(args.datasets) or getattr(previous, "datasets", None),
                              license=getattr(previous, "license", None) or "apache-2.0")
         if args.include_plot and (folder / "expert_load.png").is_file():
             shutil.copy(folder / "expert_load.png", stage / "expert_load.png")
@@ -374,18 +385,22 @@ def push(argv: list[str]) -> str:
             card = (stage / "README.md").read_text()
             (stage / "README.md").write_text("\n".join(line for line in card.splitlines()
                                                         if "(expert_load.png)" not in line) + "\n")
+        step = "create the repository"
         try:
             api.create_repo(args.repo_id, private=args.private, exist_ok=True)
             if args.revision and args.revision != "main":
+                step = f"create the branch {args.revision!r}"
                 api.create_branch(args.repo_id, branch=args.revision, exist_ok=True)
+            step = "upload the files"
             commit = api.upload_folder(repo_id=args.repo_id, folder_path=stage, revision=args.revision,
                                        commit_message=args.commit_message)
         except Exception as error:  # HTTP errors (401, 403, 404, ...) and unreachable endpoints alike
-            # upload_folder is one commit: a failure before it returns leaves the repository's history unchanged.
+            # upload_folder is one commit: a failure before it returns leaves none of the folder's files on the Hub
+            # (the repository or branch may already have been created).
             raise SystemExit(
-                f"Push of {folder} to {args.repo_id} failed, no commit was made ({type(error).__name__}: {error}). "
-                f"Check the token (`hf auth login`, HF_TOKEN or --token), that it may write to this namespace, "
-                f"and the endpoint ({constants.ENDPOINT}).") from None
+                f"Push of {folder} to {args.repo_id} failed while trying to {step}; none of its files were uploaded "
+                f"({type(error).__name__}: {error}). Check the token (`hf auth login`, HF_TOKEN or --token), that it "
+                f"may write to this namespace, and the endpoint ({constants.ENDPOINT}).") from None
     print(f"Pushed {folder} to {args.repo_id} ({args.revision or 'main'}): {commit.commit_url}")
     return commit.commit_url
 

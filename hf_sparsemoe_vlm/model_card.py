@@ -96,6 +96,13 @@ def _router_description(text_config) -> str:
             f"{text_config.router_target_active_experts} active experts per token")
 
 
+def _public_name(path_or_id: str) -> str:
+    """What a published card may say about a model or data source: a Hub id as is, a local path by its last part
+    (the card is public; where the user keeps files is not)."""
+    local = path_or_id.startswith((".", "~", "/")) or Path(path_or_id).is_absolute() or Path(path_or_id).exists()
+    return Path(path_or_id).name if local else path_or_id
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
@@ -133,8 +140,9 @@ def build_model_card(
             plot fill the training, evaluation and routing sections and the `model-index` metadata.
         base_model: the checkpoint this one was converted or upcycled from (YAML `base_model`).
         conversion: how it was built from `base_model` (one line for the card's text).
-        datasets: Hub dataset ids for the YAML `datasets` field.
-        dataset_name: the evaluation dataset's display name (default: the synthetic shapes set for a synthetic run).
+        datasets: Hub dataset ids for the YAML `datasets` field (default: the run's `--dataset_hub_id`).
+        dataset_name: the evaluation dataset's display name (default: the synthetic shapes set for a synthetic run,
+            else the Hub id, else the local dataset's folder or file name: local paths are never published).
     """
     run_dir = Path(run_dir) if run_dir is not None else None
     metrics, run_args, log_history = {}, {}, []
@@ -159,8 +167,17 @@ def build_model_card(
     text_config = config.text_config
     data_args = run_args.get("data", {})
     synthetic = data_args.get("dataset") == "synthetic"
-    dataset_type, default_name = SYNTHETIC_DATASET if synthetic else (data_args.get("dataset", "custom"),
-                                                                        data_args.get("dataset", "custom data"))
+    hub_ids = [part.strip() for part in (data_args.get("dataset_hub_id") or "").split(",") if part.strip()]
+    datasets = datasets or hub_ids or None
+    # Training data is always local (`--dataset` takes folders and files): the published card names it by its
+    # folder or file name, never by its path.
+    local_name = Path(str(data_args.get("dataset") or "custom data")).name
+    if datasets:
+        dataset_type, default_name = datasets[0], datasets[0]
+    elif synthetic:
+        dataset_type, default_name = SYNTHETIC_DATASET
+    else:
+        dataset_type, default_name = local_name, local_name
     dataset_name = dataset_name or default_name
 
     routing_log = _last_routing_log(log_history)
@@ -207,10 +224,11 @@ def build_model_card(
         training_summary = (
             f"{'Fine-tuned' if model_args.get('model_name_or_path') else 'Trained from scratch'} with "
             f"`sparsemoe-vlm train` (Transformers `Trainer`) on "
-            f"{'the embedded synthetic shapes set' if synthetic else '`' + str(data_args.get('dataset')) + '`'}"
+            f"{'the embedded synthetic shapes set' if synthetic else '`' + dataset_name + '`'}"
             + (f" ({data_args['num_train_examples']:,} generated training examples at "
                f"{data_args.get('image_size', '?')} px)" if synthetic and data_args.get("num_train_examples") else "")
-            + (f", starting from `{model_args['model_name_or_path']}`" if model_args.get("model_name_or_path") else
+            + (f", starting from `{_public_name(model_args['model_name_or_path'])}`"
+               if model_args.get("model_name_or_path") else
                f", from the `{model_args.get('preset')}` preset with a freshly trained tokenizer") + "."
         )
         names = {"vision_pretraining_steps": "vision tower pretraining steps (stage 0, per-patch labels)",

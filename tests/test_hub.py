@@ -502,12 +502,17 @@ def test_push_command_uploads_model_processor_card_and_plot_in_one_commit(hub_se
     commits = [(method, path) for method, path, status in hub_server.requests
                if method == "POST" and "/commit/" in path and "pushed-run" in path and status == 200]
     assert len(commits) == 1
-    # The card's usage snippets (Auto classes, pipeline) run as written against the pushed repo.
+    # Each of the card's usage snippets (Auto classes, pipeline, device_map) runs on its own, as written, in a fresh
+    # process against the pushed repo.
     import PIL.Image
 
     PIL.Image.new("RGB", (32, 32), (0, 0, 255)).save(tmp_path / "shapes.png")
-    blocks = card.split("```python\n")[1:3]
-    run_client(hub_server, tmp_path / "hf_home3", *(block.split("```")[0] for block in blocks))
+    snippets = [block.split("```")[0] for block in card.split("```python\n")[1:]]
+    assert len(snippets) == 3 and "pipeline(" in snippets[1] and 'device_map="auto"' in snippets[2]
+    for number, snippet in enumerate(snippets):
+        result = run_client(hub_server, tmp_path / f"hf_home_snippet{number}", snippet)
+        assert result.stdout.strip(), snippet  # each prints its answer / placement
+    assert "cpu" in result.stdout  # the device_map snippet, on this GPU-less machine: everything on the CPU
     # The pushed repo loads by id with remote code and gives the folder's logits.
     run_client(hub_server, tmp_path / "hf_home2", f"""
         import torch
@@ -545,11 +550,15 @@ def test_push_command_to_a_branch_without_the_plot(hub_server, tmp_path):
     _training_folder(folder)
     run_client(hub_server, tmp_path / "hf_home", f"""
         from hf_sparsemoe_vlm.cli import main
-        raise SystemExit(main(["push", {str(folder)!r}, "org/branch-run", "--revision", "dev", "--no_include_plot"]))
+        raise SystemExit(main(["push", {str(folder)!r}, "org/branch-run", "--revision", "dev", "--no_include_plot",
+                               "--datasets", "org/shapes-vqa,org/shapes-captions"]))
     """)
     files = hub_server.files("org/branch-run", revision="dev")
     assert "model.safetensors" in files and "expert_load.png" not in files
     assert "expert_load.png" not in files["README.md"].decode()  # no link to a picture that is not there
+    from huggingface_hub import ModelCard
+
+    assert ModelCard(files["README.md"].decode()).data.datasets == ["org/shapes-vqa", "org/shapes-captions"]
     assert "model.safetensors" not in hub_server.files("org/branch-run", revision="main")
 
 
@@ -566,12 +575,25 @@ def test_push_command_with_a_rejected_token_exits_cleanly_and_commits_nothing(hu
     """
     head = hub_server.head(REPO) if REPO in hub_server.repos else None
     result = run_client(hub_server, tmp_path / "hf_home", script, HF_TOKEN="hf_not_a_valid_token")
-    assert "EXIT: Push of" in result.stdout and "failed, no commit was made" in result.stdout
+    assert "EXIT: Push of" in result.stdout
+    assert "failed while trying to create the repository; none of its files were uploaded" in result.stdout
     assert "401" in result.stdout and "Check the token" in result.stdout
     assert (hub_server.head(REPO) if REPO in hub_server.repos else None) == head
     # An unreachable endpoint is reported the same way, naming the endpoint.
     result = run_client(hub_server, tmp_path / "hf_home", script, HF_ENDPOINT="http://127.0.0.1:9")
-    assert "failed, no commit was made" in result.stdout and "http://127.0.0.1:9" in result.stdout
+    assert "none of its files were uploaded" in result.stdout and "http://127.0.0.1:9" in result.stdout
+    # The repository exists but the upload commit fails: the message says which step failed; no file landed.
+    result = run_client(hub_server, tmp_path / "hf_home", """
+        from huggingface_hub import HfApi
+
+        def rejected(self, **kwargs):  # e.g. a proxy refusing the upload after the repository was created
+            raise OSError("413 Client Error: Payload Too Large")
+
+        HfApi.upload_folder = rejected
+    """, script.replace("org/tiny-sparsemoe-vlm", "org/upload-fails"))
+    assert "failed while trying to upload the files; none of its files were uploaded" in result.stdout
+    assert "Payload Too Large" in result.stdout
+    assert "model.safetensors" not in hub_server.files("org/upload-fails")
 
 
 def test_push_command_refuses_an_invalid_repo_id_before_loading_anything(tmp_path):
@@ -592,3 +614,14 @@ def test_push_command_refuses_a_processor_that_does_not_match_the_model(tmp_path
     config_path.write_text(json.dumps(processor_config))
     with pytest.raises(SystemExit, match=r"processor does not match the model .*image tokens 3 vs 16"):
         main(["push", str(folder), "org/never"])  # refused before any Hub call (this process is offline)
+
+
+def test_the_suite_itself_runs_offline_with_a_private_hf_home_and_no_token():
+    """conftest.py isolates this process: nothing of the user's Hub cache, token or remote-code modules is used."""
+    import os
+    import tempfile
+
+    from huggingface_hub import constants, get_token
+
+    assert constants.HF_HUB_OFFLINE and constants.HF_HOME == os.environ["HF_HOME"]
+    assert constants.HF_HOME.startswith(tempfile.gettempdir()) and get_token() is None

@@ -94,7 +94,24 @@ def test_card_metadata_and_numbers_match_the_model_and_run(tmp_path):
     assert "| steps | 3000 |" in text and "epochs" not in text  # max_steps wins over epochs, as in Trainer
     assert "| learning rate | 0.002 |" in text and "| wall time | 9.1 min |" in text
     assert "| exact_match | test | 0.6140 |" in text and "| loss | validation | 0.3700 |" in text
-    assert "| image | 1.25 | 0.9 | 0.6 | 1.0 |" in text
+    assert "| image | 1.25 | 0.9 | 0.6 | 1.0 |" in text and "| text | 1.5 | 0.97 | 0.31 | 0.0 |" in text
+    # Every row of the parameter table is the model's own count.
+    for row, key in (("vision tower", "vision_tower"), ("projector", "projector"), ("decoder", "decoder"),
+                     ("routed experts (all groups)", "routed_experts"),
+                     ("decoder, active per image token", "active_per_image_token")):
+        assert f"| {row} | {counts[key]:,} |" in text, row
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    assert counts["total"] == counts["vision_tower"] + counts["projector"] + counts["decoder"]
+    config, text_config = model.config, model.config.text_config
+    assert (config.vision_config.model_type, config.vision_config.hidden_size,
+            config.vision_config.num_hidden_layers) == ("siglip_vision_model", 32, 1)
+    assert (f"| vision tower | siglip_vision_model (width 32, 1 layer), {config.image_size} px images -> "
+            f"{config.image_seq_length} image tokens |") in text
+    assert (f"| decoder | {text_config.num_hidden_layers} layers, hidden {text_config.hidden_size}, "
+            f"{text_config.num_attention_heads} heads ({text_config.num_key_value_heads} KV), vocabulary "
+            f"{text_config.vocab_size} |") in text
+    assert f"| sparse layers | {', '.join(map(str, text_config.sparse_layer_indices))} |" in text
+    assert data.datasets is None  # a synthetic run has no Hub dataset to name
     assert "![Share of tokens per expert, layer and modality](expert_load.png)" in text
     assert 'from_pretrained("org/tiny-shapes", trust_remote_code=True)' in text
     assert "\n\n\n" not in text
@@ -127,3 +144,30 @@ def test_card_errors_name_the_problem(tmp_path):
     (run / "metrics.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"metrics.json is not valid JSON"):
         build_model_card(make_model(), run_dir=run)
+
+
+def test_card_of_a_run_on_local_data_names_its_hub_dataset_and_never_the_local_path(tmp_path):
+    run = fake_run(tmp_path / "run")
+    run_args = json.loads((run / "run_args.json").read_text())
+    private = "/home/alice/private-data/vqa_train.jsonl"
+    run_args["data"] = {"dataset": private, "dataset_hub_id": "org/vqa-set, org/vqa-extra"}
+    run_args["model"]["model_name_or_path"] = "/home/alice/checkpoints/upcycled-llava"
+    (run / "run_args.json").write_text(json.dumps(run_args))
+    path = write_model_card(make_model(), run, model_id="org/tuned")
+    card = ModelCard.load(path)
+    assert card.data.datasets == ["org/vqa-set", "org/vqa-extra"]
+    assert {r.dataset_type for r in card.data.eval_results} == {"org/vqa-set"}
+    raw = path.read_text()
+    assert "/home/alice" not in raw
+    assert "Fine-tuned with `sparsemoe-vlm train`" in raw and "starting from `upcycled-llava`" in raw
+
+    run_args["data"] = {"dataset": private}  # no Hub id: no `datasets`, the data named by its file name only
+    (run / "run_args.json").write_text(json.dumps(run_args))
+    card = ModelCard.load(write_model_card(make_model(), run, model_id="org/tuned"))
+    assert card.data.datasets is None
+    assert {(r.dataset_type, r.dataset_name) for r in card.data.eval_results} == {("vqa_train.jsonl",
+                                                                                   "vqa_train.jsonl")}
+    assert "/home/alice" not in str(card) and "on `vqa_train.jsonl`" in card.text
+    # An explicit `datasets=` (as `sparsemoe-vlm push --datasets` passes) wins.
+    card = build_model_card(make_model(), "org/tuned", run, datasets=["org/other"])
+    assert card.data.datasets == ["org/other"]
