@@ -325,7 +325,8 @@ class PushArguments:
 
 def push(argv: list[str]) -> str:
     """Run `sparsemoe-vlm push`: load the folder (refusing to upload one that does not load or whose processor does
-    not match the model), stage model + processor + model card (+ routing plot) and upload them in one commit.
+    not match the model), stage model + processor + model card (+ routing plot), have the Hub validate the card's
+    metadata and upload them in one commit.
     Returns the commit URL."""
     import shutil
     import tempfile
@@ -385,8 +386,10 @@ def push(argv: list[str]) -> str:
             card = (stage / "README.md").read_text()
             (stage / "README.md").write_text("\n".join(line for line in card.splitlines()
                                                         if "(expert_load.png)" not in line) + "\n")
-        step = "create the repository"
+        step = "validate the model card's metadata"
         try:
+            ModelCard.load(stage / "README.md").validate()  # the Hub's own metadata checks, before anything is sent
+            step = "create the repository"
             api.create_repo(args.repo_id, private=args.private, exist_ok=True)
             if args.revision and args.revision != "main":
                 step = f"create the branch {args.revision!r}"

@@ -1,4 +1,4 @@
-"""A loopback Hugging Face Hub for the tests: a real HTTP server on 127.0.0.1, stdlib only.
+"""A loopback Hugging Face Hub for the tests: a real HTTP server on 127.0.0.1 (stdlib, plus PyYAML for card metadata).
 
 `LoopbackHub` runs a `ThreadingHTTPServer` in a background thread and answers the part of the Hub HTTP API that the
 real `huggingface_hub` client (written against 2.4) and `transformers` use for *model* repos:
@@ -12,7 +12,8 @@ real `huggingface_hub` client (written against 2.4) and `transformers` use for *
   (header / file / lfsFile / deletedFile / deletedFolder);
 * downloads: GET and HEAD `/{id}/resolve/{rev}/{path}` with `X-Repo-Commit`, `ETag` (git blob id),
   `X-Linked-Etag` / `X-Linked-Size` for LFS files, `Content-Length` and `Range`;
-* `whoami-v2`, `validate-yaml`; a fixed write token, 401 on writes without it (or with a wrong one), private repos
+* `whoami-v2`, `validate-yaml` (checks card metadata against a subset of the Hub's rules: 400 with the reasons);
+  a fixed write token, 401 on writes without it (or with a wrong one), private repos
   invisible without it;
 * errors shaped like the Hub's so that `hf_raise_for_status` maps them to the same exceptions: `X-Error-Code`
   (`RepoNotFound`, `RevisionNotFound`, `EntryNotFound`), `X-Error-Message` and a `{"error": ...}` JSON body.
@@ -146,6 +147,77 @@ class Response:
 
 def json_response(data, status: int = 200, content_type: str = "application/json") -> Response:
     return Response(status, json.dumps(data).encode(), {"Content-Type": content_type})
+
+
+# A subset of the values the Hub accepts for `license` and `pipeline_tag` in model card metadata.
+HUB_LICENSES = {
+    "apache-2.0", "mit", "openrail", "openrail++", "bigscience-openrail-m", "creativeml-openrail-m",
+    "bigscience-bloom-rail-1.0", "bigcode-openrail-m", "afl-3.0", "artistic-2.0", "bsl-1.0", "bsd", "bsd-2-clause",
+    "bsd-3-clause", "bsd-3-clause-clear", "c-uda", "cc", "cc0-1.0", "cc-by-2.0", "cc-by-2.5", "cc-by-3.0",
+    "cc-by-4.0", "cc-by-sa-3.0", "cc-by-sa-4.0", "cc-by-nc-2.0", "cc-by-nc-3.0", "cc-by-nc-4.0", "cc-by-nd-4.0",
+    "cc-by-nc-nd-4.0", "cc-by-nc-sa-4.0", "ecl-2.0", "epl-2.0", "agpl-3.0", "gpl", "gpl-2.0", "gpl-3.0", "lgpl",
+    "lgpl-2.1", "lgpl-3.0", "isc", "llama2", "llama3", "llama3.1", "llama3.2", "llama3.3", "gemma", "mpl-2.0",
+    "ms-pl", "odc-by", "odbl", "unlicense", "wtfpl", "zlib", "other", "unknown",
+}
+HUB_PIPELINE_TAGS = {
+    "text-classification", "token-classification", "table-question-answering", "question-answering",
+    "zero-shot-classification", "translation", "summarization", "feature-extraction", "text-generation",
+    "fill-mask", "sentence-similarity", "text-to-speech", "text-to-audio", "automatic-speech-recognition",
+    "audio-to-audio", "audio-classification", "voice-activity-detection", "depth-estimation", "image-classification",
+    "object-detection", "image-segmentation", "text-to-image", "image-to-text", "image-to-image", "image-to-video",
+    "unconditional-image-generation", "video-classification", "reinforcement-learning", "robotics",
+    "tabular-classification", "tabular-regression", "zero-shot-image-classification", "zero-shot-object-detection",
+    "text-to-video", "visual-question-answering", "document-question-answering", "image-feature-extraction",
+    "mask-generation", "image-text-to-text", "video-text-to-text", "any-to-any", "keypoint-detection",
+}
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def card_metadata_errors(content: str) -> list[str]:
+    """What the Hub's `validate-yaml` would object to in a model card's YAML front matter (a subset of its rules:
+    a mapping, known `license` / `pipeline_tag`, string lists, repo ids for `base_model` / `datasets`, and a
+    `model-index` that huggingface_hub can read back)."""
+    import yaml  # PyYAML, a dependency of huggingface_hub
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    match = re.match(r"---\n(.*?)\n---(\n|$)", content, flags=re.DOTALL)
+    if match is None:
+        return []  # a card without metadata is accepted (with a warning on the Hub)
+    try:
+        metadata = yaml.safe_load(match.group(1))
+    except yaml.YAMLError as error:
+        return [f"Invalid YAML in the card metadata: {error}"]
+    if metadata is None:
+        return []
+    if not isinstance(metadata, dict):
+        return ["The card metadata must be a YAML mapping."]
+    errors = []
+    if "license" in metadata and metadata["license"] not in HUB_LICENSES:
+        errors.append(f'"license" must be one of the Hub\'s license identifiers, got {metadata["license"]!r}.')
+    if "pipeline_tag" in metadata and metadata["pipeline_tag"] not in HUB_PIPELINE_TAGS:
+        errors.append(f'"pipeline_tag" must be a Hub task, got {metadata["pipeline_tag"]!r}.')
+    if "library_name" in metadata and not isinstance(metadata["library_name"], str):
+        errors.append('"library_name" must be a string.')
+    for key in ("tags", "language", "datasets", "base_model"):
+        values = metadata.get(key)
+        values = [values] if isinstance(values, str) else values
+        if values is None:
+            continue
+        if not isinstance(values, list) or not all(isinstance(value, str) for value in values):
+            errors.append(f'"{key}" must be a string or a list of strings.')
+        elif key in ("datasets", "base_model"):
+            errors += [f'"{key}" entry {value!r} is not a repo id.' for value in values if not HUB_ID.fullmatch(value)]
+    if "model-index" in metadata:
+        try:
+            name, results = model_index_to_eval_results(metadata["model-index"])
+            if not name or not results:
+                raise ValueError("needs a name and at least one result")
+            for result in results:
+                if result.metric_value is None or not result.dataset_type or not result.task_type:
+                    raise ValueError("every result needs a task type, a dataset type and a metric value")
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            errors.append(f'"model-index" is malformed ({type(error).__name__}: {error}).')
+    return errors
 
 
 class HubError(Exception):
@@ -724,7 +796,11 @@ class _Handler(BaseHTTPRequestHandler):
         })
 
     def validate_yaml(self) -> Response:
-        # The client validates README.md metadata before committing it; every card is accepted here.
+        # `RepoCard.validate()` posts the whole card; a 400 with the reason as text becomes its ValueError.
+        body = self._json_body()
+        errors = card_metadata_errors(str(body.get("content", ""))) if body.get("repoType", "model") == "model" else []
+        if errors:
+            return Response(400, "\n".join(errors).encode(), {"Content-Type": "text/plain; charset=utf-8"})
         return json_response({"errors": [], "warnings": []})
 
 

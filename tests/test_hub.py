@@ -17,7 +17,7 @@ import pytest
 import torch
 from hub_server import git_blob_id
 
-from tiny_models import BLOCK_PACKAGE
+from tiny_models import BLOCK_PACKAGE, make_processor_and_model
 
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -502,6 +502,7 @@ def test_push_command_uploads_model_processor_card_and_plot_in_one_commit(hub_se
     commits = [(method, path) for method, path, status in hub_server.requests
                if method == "POST" and "/commit/" in path and "pushed-run" in path and status == 200]
     assert len(commits) == 1
+    assert ("POST", "/api/validate-yaml", 200) in hub_server.requests  # the card passed the Hub's metadata checks
     # Each of the card's usage snippets (Auto classes, pipeline, device_map) runs on its own, as written, in a fresh
     # process against the pushed repo.
     import PIL.Image
@@ -625,3 +626,41 @@ def test_the_suite_itself_runs_offline_with_a_private_hf_home_and_no_token():
 
     assert constants.HF_HUB_OFFLINE and constants.HF_HOME == os.environ["HF_HOME"]
     assert constants.HF_HOME.startswith(tempfile.gettempdir()) and get_token() is None
+
+
+def test_card_metadata_validation_accepts_our_cards_and_names_what_the_hub_would_reject(tmp_path):
+    from hub_server import card_metadata_errors
+
+    from hf_sparsemoe_vlm.model_card import build_model_card
+
+    _training_folder(tmp_path / "run")
+    card = str(build_model_card(make_processor_and_model()[1], "org/x", tmp_path / "run",
+                                base_model="llava-hf/llava-1.5-7b-hf", datasets=["org/vqa"]))
+    assert card_metadata_errors(card) == []
+    for old, new, reason in [
+        ("license: apache-2.0", "license: not-a-license", '"license" must be one of'),
+        ("pipeline_tag: image-text-to-text", "pipeline_tag: image-chat", '"pipeline_tag" must be a Hub task'),
+        ("- org/vqa", "- org/vqa/extra/parts", '"datasets" entry \'org/vqa/extra/parts\' is not a repo id'),
+        ("    - type: exact_match", "    - kind: exact_match", '"model-index" is malformed'),
+    ]:
+        assert old in card, old
+        assert any(reason in error for error in card_metadata_errors(card.replace(old, new, 1))), reason
+    assert card_metadata_errors("---\n[1, 2]\n---\n# card") == ["The card metadata must be a YAML mapping."]
+
+
+@pytest.mark.slow
+def test_push_command_refuses_a_card_the_hub_rejects_before_creating_the_repo(hub_server, tmp_path):
+    folder = tmp_path / "run"
+    _training_folder(folder)
+    card = (folder / "README.md").read_text()
+    (folder / "README.md").write_text(card.replace("license: apache-2.0", "license: my-own-license", 1))
+    result = run_client(hub_server, tmp_path / "hf_home", f"""
+        from hf_sparsemoe_vlm.cli import main
+        try:
+            main(["push", {str(folder)!r}, "org/bad-card", "--keep_card"])
+        except SystemExit as error:
+            print("EXIT:", error)
+    """)
+    assert "failed while trying to validate the model card's metadata; none of its files were uploaded" in result.stdout
+    assert "\"license\" must be one of the Hub's license identifiers, got 'my-own-license'" in result.stdout
+    assert "org/bad-card" not in hub_server.repos
