@@ -121,6 +121,18 @@ def test_upcycling_copies_weights_and_routes_every_token():
     # Noise makes the copies differ from each other but stay close to the MLP (relative std 0.01).
     assert not torch.equal(experts[0], experts[1])
     assert (experts[0, :48] - gate).std() / gate.std() == pytest.approx(0.01, rel=0.3)
+    # Every token is routed by its modality's fresh router: image tokens by the image group, text tokens by the
+    # text group, each to 2 experts whose weights sum to one (the dense MLP's output, up to the noise).
+    inputs = verification_inputs(model.config)
+    with torch.no_grad():
+        records = model(**inputs, output_router_logits=True).router_logits
+    is_image = (inputs["input_ids"] == model.config.image_token_id).flatten()
+    assert sorted((r.layer_idx, r.group) for r in records) == [(0, "image"), (0, "text"), (2, "image"), (2, "text")]
+    for record in records:
+        tokens = is_image.nonzero() if record.group == "image" else (~is_image).nonzero()
+        assert torch.equal(record.token_index.sort().values, tokens.flatten())
+        assert ((record.routing_weights > 0).sum(-1) == 2).all()
+        torch.testing.assert_close(record.routing_weights.sum(-1), torch.ones(len(tokens)))
     with pytest.raises(ValueError, match="Cannot upcycle a 'gpt2' language model"):
         sparse_text_config_from_dense(type("C", (), {"model_type": "gpt2"})())
     with pytest.raises(ValueError, match="norm_topk_prob=True"):

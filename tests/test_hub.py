@@ -664,3 +664,37 @@ def test_push_command_refuses_a_card_the_hub_rejects_before_creating_the_repo(hu
     assert "failed while trying to validate the model card's metadata; none of its files were uploaded" in result.stdout
     assert "\"license\" must be one of the Hub's license identifiers, got 'my-own-license'" in result.stdout
     assert "org/bad-card" not in hub_server.repos
+
+
+@pytest.mark.slow
+def test_push_command_keeps_a_converted_models_base_model_and_creates_a_private_repo(hub_server, tmp_path):
+    from hf_sparsemoe_vlm.model_card import write_model_card
+
+    folder = tmp_path / "upcycled"
+    processor, model = make_processor_and_model()
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    # What a conversion script leaves: conversion.json and a card naming the base model, no training run.
+    (folder / "conversion.json").write_text(json.dumps({"base_model": "llava-hf/llava-1.5-7b-hf",
+                                                        "method": "sparse upcycling of LLaVA"}))
+    write_model_card(model, folder, model_id="upcycled", license="llama2")
+    run_client(hub_server, tmp_path / "hf_home", f"""
+        from hf_sparsemoe_vlm.cli import main
+        raise SystemExit(main(["push", {str(folder)!r}, "org/private-upcycled", "--private"]))
+    """)
+    assert hub_server.repos["org/private-upcycled"].private
+    from huggingface_hub import ModelCard
+
+    card = ModelCard(hub_server.files("org/private-upcycled")["README.md"].decode())
+    assert card.data.base_model == "llava-hf/llava-1.5-7b-hf" and card.data.license == "llama2"
+    assert "(sparse upcycling of LLaVA)" in card.text and "## Training" not in card.text
+    # Private: without the token the repo is invisible (the Hub's 401 RepoNotFound for anonymous callers).
+    result = run_client(hub_server, tmp_path / "hf_home_anonymous", """
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import RepositoryNotFoundError
+        try:
+            hf_hub_download("org/private-upcycled", "config.json")
+        except RepositoryNotFoundError as error:
+            print("NOT FOUND", error.response.status_code)
+    """, HF_TOKEN=None)
+    assert "NOT FOUND 401" in result.stdout
