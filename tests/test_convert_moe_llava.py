@@ -622,3 +622,60 @@ def test_sharded_qwen1_5_checkpoint_with_layers_from_moe_mode(tmp_path, tokenize
     (input_dir / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(cml.ConversionError, match=r"lists shards that are missing: \['model-00002-of-00002"):
         run_convert(input_dir, vision_tower=vision_tower_dir)
+
+
+class _DeepSpeedMoEReference(torch.nn.Module):
+    """MoE-LLaVA's `layers[i].mlp` (a DeepSpeed `MoE`) at inference, computed by `_deepspeed_moe_reference`."""
+
+    def __init__(self, source: dict[str, torch.Tensor], prefix: str, top_k: int):
+        super().__init__()
+        self.wg = source[prefix + "gate.wg.weight"]
+        self.experts = [tuple(source[f"{prefix}experts.deepspeed_experts.{e}.{n}_proj.weight"]
+                              for n in ("gate", "up", "down")) for e in range(EXPERTS)]
+        self.top_k = top_k
+
+    def forward(self, hidden_states):
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        return _deepspeed_moe_reference(flat, self.wg, self.experts, self.top_k).reshape(hidden_states.shape)
+
+
+def test_converted_model_computes_what_moe_llava_computes_end_to_end(llama_checkpoint, vision_tower_dir):
+    """MoE-LLaVA's forward rebuilt from its parts (CLIP `hidden_states[-2]` patch features -> mlp2x_gelu projector ->
+    spliced at the image placeholder -> Llama decoder whose MoE layers are DeepSpeed-MoE) against the converted
+    model on the same prompt, image included: every tensor is not only at its key but means the same thing there."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    input_dir, source = llama_checkpoint
+    config = json.loads((input_dir / "config.json").read_text())
+    model = run_convert(input_dir, vision_tower=vision_tower_dir).model.eval()
+    vocab = config["vocab_size"]
+
+    tower = CLIPVisionModel(CLIPVisionConfig(**VISION)).eval()
+    tower.load_state_dict({k.removeprefix("model." + TOWER): v for k, v in source.items()
+                           if k.startswith("model." + TOWER)})
+    llama = LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
+        rope_theta=10000.0, tie_word_embeddings=False)).eval()
+    for layer in config["moe"]["moe_layers_idx"]:
+        llama.model.layers[layer].mlp = _DeepSpeedMoEReference(source, f"model.layers.{layer}.mlp.deepspeed_moe.",
+                                                               config["moe"]["top_k_experts"])
+    llama.load_state_dict({k: v for k, v in source.items()
+                           if not k.startswith(("model." + TOWER, "model." + PROJ)) and ".deepspeed_moe." not in k})
+
+    generator = torch.Generator().manual_seed(5)
+    before, after = torch.randint(3, vocab, (1, 5), generator=generator), torch.randint(3, vocab, (1, 4),
+                                                                                        generator=generator)
+    pixel_values = torch.randn(1, 3, VISION["image_size"], VISION["image_size"], generator=generator)
+    with torch.no_grad():
+        patches = tower(pixel_values, output_hidden_states=True).hidden_states[-2][:, 1:]  # 'patch': no CLS
+        proj = "model." + PROJ
+        image = F.linear(F.gelu(F.linear(patches, source[proj + "0.weight"], source[proj + "0.bias"])),
+                         source[proj + "2.weight"], source[proj + "2.bias"])
+        embed = llama.get_input_embeddings()
+        expected = llama(inputs_embeds=torch.cat([embed(before), image, embed(after)], dim=1)).logits
+        image_ids = torch.full((1, image.shape[1]), model.config.image_token_id)
+        actual = model(input_ids=torch.cat([before, image_ids, after], dim=1), pixel_values=pixel_values).logits
+    assert image.shape[1] == model.config.image_seq_length
+    assert actual.shape[-1] == vocab + 1  # the <image> row MoE-LLaVA's -200 placeholder never had
+    torch.testing.assert_close(actual[..., :vocab], expected, atol=1e-5, rtol=1e-5)
