@@ -216,7 +216,7 @@ def _vision_pretraining(model, processor, model_args: ModelArguments, data_args:
 
 def train(argv: list[str]) -> dict[str, float]:
     """Run `sparsemoe-vlm train`; returns the final metrics."""
-    from .model_card import write_model_card
+    from .model_card import hub_dataset_ids, write_model_card
     from .training import (
         SparseMoEVLMTrainer,
         VLMDataCollator,
@@ -227,6 +227,7 @@ def train(argv: list[str]) -> dict[str, float]:
     )
 
     model_args, data_args, training_args = parse_train_args(argv)
+    hub_dataset_ids(data_args.dataset_hub_id)  # a bad id is an error now, not after training
     set_seed(training_args.seed)
     started = time.time()
     output_dir = Path(training_args.output_dir)
@@ -303,10 +304,6 @@ def train(argv: list[str]) -> dict[str, float]:
     return metrics
 
 
-def _split_ids(ids: str | None) -> list[str] | None:
-    return [part.strip() for part in ids.split(",") if part.strip()] or None if ids else None
-
-
 @dataclass
 class PushArguments:
     folder: str = field(metadata={"help": "A saved SparseMoE-VLM folder (model + processor), e.g. a training run."})
@@ -336,7 +333,7 @@ def push(argv: list[str]) -> str:
     from huggingface_hub.utils import validate_repo_id
 
     from . import SparseMoEVLMForConditionalGeneration, SparseMoEVLMProcessor
-    from .model_card import write_model_card
+    from .model_card import hub_dataset_ids, write_model_card
 
     # `push <folder> <repo_id>`: the two positionals become --folder / --repo_id.
     argv, positional = list(argv), []
@@ -351,6 +348,10 @@ def push(argv: list[str]) -> str:
         validate_repo_id(args.repo_id)
     except HFValidationError as error:
         raise SystemExit(f"Refusing to push to {args.repo_id!r}: {error} Use `namespace/name` or `name`.") from None
+    try:
+        datasets = hub_dataset_ids(args.datasets, "--datasets")
+    except ValueError as error:
+        raise SystemExit(f"Refusing to push: {error}") from None
     if not (folder / "config.json").is_file():
         raise SystemExit(f"Refusing to upload {folder}: no config.json there. Pass a folder written by "
                          f"`save_pretrained` or `sparsemoe-vlm train`.")
@@ -378,7 +379,7 @@ def push(argv: list[str]) -> str:
             previous = ModelCard.load(folder / "README.md").data if (folder / "README.md").is_file() else None
             write_model_card(model, stage, model_id=args.repo_id, run_dir=folder,
                              base_model=getattr(previous, "base_model", None),
-                             datasets=_split_ids(args.datasets) or getattr(previous, "datasets", None),
+                             datasets=datasets or getattr(previous, "datasets", None),
                              license=getattr(previous, "license", None) or "apache-2.0")
         if args.include_plot and (folder / "expert_load.png").is_file():
             shutil.copy(folder / "expert_load.png", stage / "expert_load.png")

@@ -96,6 +96,22 @@ def _router_description(text_config) -> str:
             f"{text_config.router_target_active_experts} active experts per token")
 
 
+def hub_dataset_ids(ids: str | None, option: str = "--dataset_hub_id") -> list[str] | None:
+    """`"org/a, org/b"` -> `["org/a", "org/b"]` (None when empty), each checked to be a Hub repo id: the card's
+    `datasets` metadata takes ids, and a local path there would be published."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    parts = [part.strip() for part in (ids or "").split(",") if part.strip()]
+    for part in parts:
+        try:
+            validate_repo_id(part)
+        except HFValidationError as error:
+            raise ValueError(f"{option} {part!r} is not a Hub dataset id ({error}); pass `namespace/name` ids, "
+                             f"comma-separated.") from None
+    return parts or None
+
+
 def _public_name(path_or_id: str) -> str:
     """What a published card may say about a model or data source: a Hub id as is, a local path by its last part
     (the card is public; where the user keeps files is not)."""
@@ -167,8 +183,7 @@ def build_model_card(
     text_config = config.text_config
     data_args = run_args.get("data", {})
     synthetic = data_args.get("dataset") == "synthetic"
-    hub_ids = [part.strip() for part in (data_args.get("dataset_hub_id") or "").split(",") if part.strip()]
-    datasets = datasets or hub_ids or None
+    datasets = datasets or hub_dataset_ids(data_args.get("dataset_hub_id"))
     # Training data is always local (`--dataset` takes folders and files): the published card names it by its
     # folder or file name, never by its path.
     local_name = Path(str(data_args.get("dataset") or "custom data")).name
@@ -312,4 +327,4 @@ def write_model_card(model, output_dir: str | Path, **kwargs) -> Path:
     return path
 
 
-__all__ = ["build_model_card", "parameter_counts", "write_model_card"]
+__all__ = ["build_model_card", "hub_dataset_ids", "parameter_counts", "write_model_card"]

@@ -171,3 +171,15 @@ def test_card_of_a_run_on_local_data_names_its_hub_dataset_and_never_the_local_p
     # An explicit `datasets=` (as `sparsemoe-vlm push --datasets` passes) wins.
     card = build_model_card(make_model(), "org/tuned", run, datasets=["org/other"])
     assert card.data.datasets == ["org/other"]
+
+
+def test_dataset_ids_must_be_hub_ids_and_are_checked_before_any_work(tmp_path):
+    from hf_sparsemoe_vlm.cli import main
+    from hf_sparsemoe_vlm.model_card import hub_dataset_ids
+
+    assert hub_dataset_ids(" org/a ,org/b,") == ["org/a", "org/b"] and hub_dataset_ids("") is None
+    with pytest.raises(ValueError, match=r"--dataset_hub_id '/home/alice/data' is not a Hub dataset id"):
+        main(["train", "--dataset_hub_id", "/home/alice/data", "--output_dir", str(tmp_path / "never")])
+    assert not (tmp_path / "never").exists()
+    with pytest.raises(SystemExit, match=r"Refusing to push: --datasets 'my data' is not a Hub dataset id"):
+        main(["push", str(tmp_path / "no-folder"), "org/x", "--datasets", "org/ok,my data"])
