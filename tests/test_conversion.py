@@ -171,7 +171,7 @@ def test_upcycle_script_validates_before_writing(tmp_path, capsys):
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "keep.txt").write_text("user data")
-    assert script.main(["--input", str(tmp_path), "--output", str(occupied)]) == 1
+    assert script.main(["--input", str(tmp_path / "llava"), "--output", str(occupied)]) == 1
     assert "not empty; pass --overwrite" in capsys.readouterr().err
     assert [p.name for p in occupied.iterdir()] == ["keep.txt"]
 
