@@ -694,6 +694,7 @@ def convert(
     )
     from hf_sparsemoe_vlm.processing_sparsemoe_vlm import CHAT_TEMPLATE
     from hf_sparsemoe_vlm.upcycling import (
+        OUTPUT_DTYPES,
         check_output_dir,
         parameter_summary,
         sparse_text_config_from_dense,
@@ -747,7 +748,7 @@ def convert(
     if dtype == "auto":
         torch_dtype = state[embed_key].dtype
     else:
-        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        torch_dtype = OUTPUT_DTYPES[dtype]
 
     # The target layout of the tower in this Transformers version (`vision_model.` prefix or not).
     from transformers import AutoModel
@@ -886,7 +887,7 @@ def convert(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from hf_sparsemoe_vlm.upcycling import add_output_arguments
+    from hf_sparsemoe_vlm.upcycling import OUTPUT_DTYPES, add_output_arguments
 
     parser = argparse.ArgumentParser(
         prog="convert_moe_llava.py",
@@ -914,7 +915,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image_token", default=IMAGE_TOKEN,
                         help="Image placeholder token: added to the tokenizer (one new embedding row) unless it already "
                              "exists; for tokenizers that cannot add tokens pass an existing special token.")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+    parser.add_argument("--dtype", default="auto", choices=("auto", *OUTPUT_DTYPES),
                         help="dtype of the written weights (auto: the checkpoint's embedding dtype).")
     parser.add_argument("--chat_template", default="moe-llava", choices=("moe-llava", "package"),
                         help="Processor chat template: MoE-LLaVA's 'SYSTEM USER: <image>\\n... ASSISTANT:' format, "
