@@ -396,14 +396,23 @@ runpy.run_path(sys.argv[0], run_name="__main__")
     assert SparseMoEVLMProcessor.from_pretrained(output).image_seq_length == 16
 
 
-def _stored_dtypes(folder: Path) -> set[str]:
+def _stored_tensors(folder: Path) -> tuple[dict[str, str], int]:
+    """`{name: safetensors dtype}` of every tensor a checkpoint folder stores, and its number of safetensors files
+    (a sharded folder's index must list exactly those tensors)."""
     from safetensors import safe_open
 
-    dtypes = set()
-    for path in folder.glob("*.safetensors"):
+    tensors, files = {}, sorted(folder.glob("*.safetensors"))
+    for path in files:
         with safe_open(path, "pt") as weights:
-            dtypes |= {weights.get_slice(key).get_dtype() for key in weights.keys()}
-    return dtypes
+            tensors |= {key: weights.get_slice(key).get_dtype() for key in weights.keys()}
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        assert set(json.loads(index.read_text())["weight_map"]) == set(tensors)
+    return tensors, len(files)
+
+
+def _stored_dtypes(folder: Path) -> set[str]:
+    return set(_stored_tensors(folder)[0].values())
 
 
 @pytest.mark.parametrize("source_dtype, option, stored", [
@@ -547,20 +556,6 @@ def test_output_over_a_source_checkpoint_is_refused_even_with_overwrite(tmp_path
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
-def _weight_keys(folder: Path) -> tuple[set[str], int]:
-    """The stored tensor names of a checkpoint folder and its number of safetensors files."""
-    from safetensors import safe_open
-
-    keys, files = set(), sorted(folder.glob("*.safetensors"))
-    for path in files:
-        with safe_open(path, "pt") as weights:
-            keys |= set(weights.keys())
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        assert set(json.loads(index.read_text())["weight_map"]) == keys
-    return keys, len(files)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("script_name", ["upcycle_llava", "compose"])
 def test_export_sharded_and_per_expert_layouts_reload_to_identical_logits(tmp_path, capsys, script_name):
@@ -581,7 +576,8 @@ def test_export_sharded_and_per_expert_layouts_reload_to_identical_logits(tmp_pa
         summary = capsys.readouterr().out
         assert re.search(r"layout\s+" + ("per-expert tensors" if "--per_expert_layout" in options else
                                          "fused expert tensors"), summary)
-        keys, files = _weight_keys(output)
+        tensors, files = _stored_tensors(output)
+        keys = set(tensors)
         fused = {k for k in keys if k.endswith(("experts.gate_up_proj", "experts.down_proj"))}
         per_expert = {k for k in keys if re.search(r"_moe\.experts\.\d+\.(gate|up|down)_proj\.weight$", k)}
         if "--per_expert_layout" in options:  # 2 sparse layers x (3 text + 2 image experts) x 3 projections
