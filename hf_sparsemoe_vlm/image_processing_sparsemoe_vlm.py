@@ -10,6 +10,8 @@ import PIL.Image
 import PIL.ImageOps
 import torch
 from transformers.image_processing_backends import PilBackend
+from transformers.image_processing_utils import BatchFeature
+from transformers.image_transforms import convert_to_rgb
 from transformers.image_utils import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
@@ -61,25 +63,27 @@ def load_image_file(path: str) -> PIL.Image.Image:
         raise ValueError(f"Cannot read image file {path!r}: {error}") from error
 
 
-def _pil_to_rgb(image: PIL.Image.Image) -> np.ndarray:
-    """RGB uint8 (H, W, 3) from a PIL image of any mode; transparency is composited on white."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # High bit-depth grayscale: scale to 8 bits instead of letting PIL clip everything above 255.
+# PIL modes with more than 8 bits per pixel: scaled to 8 bits rather than clipped at 255 by PIL's conversion.
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
+
+
+def _pil_to_array(image: PIL.Image.Image) -> np.ndarray:
+    """uint8 (H, W, C) array of a PIL image's own channels (no colour conversion)."""
+    if image.mode in HIGH_BIT_DEPTH_MODES:
         values = np.asarray(image, dtype=np.float64)
         maximum = 65535.0 if image.mode.startswith("I;16") else max(float(values.max()), 1.0)
         if image.mode == "F" and values.max() <= 1.0:
             maximum = 1.0
-        gray = np.clip(np.round(values / maximum * 255.0), 0, 255).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=-1)
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        background = PIL.Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return np.asarray(PIL.Image.alpha_composite(background, rgba).convert("RGB"))
-    return np.asarray(image.convert("RGB"))
+        array = np.clip(np.round(values / maximum * 255.0), 0, 255).astype(np.uint8)
+    else:
+        array = np.asarray(image)
+        if array.dtype == np.bool_:  # mode "1"
+            array = array.astype(np.uint8) * 255
+    return array[..., None] if array.ndim == 2 else array
 
 
-def _array_to_rgb(array: np.ndarray, input_data_format: ChannelDimension | str | None) -> np.ndarray:
-    """RGB uint8 (H, W, 3) from a (H, W), (H, W, C) or (C, H, W) array with C in {1, 2, 3, 4}.
+def _array_to_uint8(array: np.ndarray, input_data_format: ChannelDimension | str | None) -> np.ndarray:
+    """uint8 (H, W, C) from a (H, W), (H, W, C) or (C, H, W) array with C in {1, 2, 3, 4}; channels are kept.
 
     uint8 arrays are 0-255; float arrays must be in [0, 1]; other integer arrays are scaled by their dtype range.
     """
@@ -116,23 +120,33 @@ def _array_to_rgb(array: np.ndarray, input_data_format: ChannelDimension | str |
             raise ValueError(f"unsupported image dtype {array.dtype}")
         info = np.iinfo(array.dtype)
         array = np.round((array.astype(np.float64) - info.min) / (info.max - info.min) * 255.0).astype(np.uint8)
-    if array.shape[-1] in (2, 4):  # gray + alpha or RGBA: composite on white
-        alpha = array[..., -1:].astype(np.float64) / 255.0
-        color = array[..., :-1].astype(np.float64)
-        array = np.round(color * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
-    if array.shape[-1] == 1:
-        array = np.repeat(array, 3, axis=-1)
     return array
+
+
+def _check_mean_std(images: list[np.ndarray], image_mean: Any, image_std: Any, do_convert_rgb: bool | None) -> None:
+    """Transformers' `normalize` only says the lengths differ; say which setting to change."""
+    for index, image in enumerate(images):
+        for name, value in (("image_mean", image_mean), ("image_std", image_std)):
+            if isinstance(value, (list, tuple)) and len(value) != image.shape[0]:
+                fix = (
+                    "`do_convert_rgb=True` makes every image RGB: give 3 values, or set `do_convert_rgb=False` to "
+                    "keep each image's own channels" if do_convert_rgb else
+                    "`do_convert_rgb=False` keeps each image's own channels: give one value per channel, or set "
+                    "`do_convert_rgb=True` to convert images to RGB (3 channels)"
+                )
+                raise ValueError(f"`{name}` has {len(value)} values but image {index} has {image.shape[0]} "
+                                 f"channels: {fix}.")
 
 
 class SparseMoEVLMImageProcessor(PilBackend):
     r"""
     Resizes images to the vision tower's square input size, rescales them to [0, 1] and normalises them with the
-    tower's mean and std; returns `pixel_values` of shape `(num_images, 3, size, size)`.
+    tower's mean and std; returns `pixel_values` of shape `(num_images, 3, size, size)`. With `do_convert_rgb=False`
+    images keep their own channels (e.g. 4 for RGBA) and `image_mean` / `image_std` need one value per channel.
 
-    Accepts PIL images of any mode (RGB, L, LA, P, RGBA, CMYK, I;16, ...; transparency is composited on white),
-    numpy arrays and torch tensors (HWC or CHW; uint8 in 0-255 or float in [0, 1]), paths to image files, and
-    lists / nested lists of these. Bad images raise an error naming the image.
+    Accepts PIL images of any mode (RGB, L, LA, P, RGBA, CMYK, I;16, ...; with `do_convert_rgb=True`, the default,
+    transparency is composited on white), numpy arrays and torch tensors (HWC or CHW; uint8 in 0-255 or float in
+    [0, 1]), paths to image files, and lists / nested lists of these. Bad images raise an error naming the image.
 
     Build the one matching a model config with [`SparseMoEVLMImageProcessor.from_model_config`].
     """
@@ -178,17 +192,40 @@ class SparseMoEVLMImageProcessor(PilBackend):
         input_data_format: str | ChannelDimension | None = None,
         **kwargs,
     ) -> np.ndarray:
-        """Any accepted image -> RGB uint8 channels-first array."""
+        """Any accepted image -> uint8 channels-first array: RGB with `do_convert_rgb`, else the image's channels."""
         if isinstance(image, PIL.Image.Image):
             if image.width == 0 or image.height == 0:
                 raise ValueError(f"image has zero size: {image.size}")
-            rgb = _pil_to_rgb(image)
+            if do_convert_rgb and image.mode not in HIGH_BIT_DEPTH_MODES:
+                # Convert while the PIL mode is known (palette, CMYK, transparency), as `PilBackend` does.
+                array = convert_to_rgb(image, return_numpy=True)
+            else:
+                array = _pil_to_array(image)
         elif isinstance(image, (np.ndarray, torch.Tensor)):
             array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else image
-            rgb = _array_to_rgb(array, input_data_format)
+            array = _array_to_uint8(array, input_data_format)
         else:
             raise TypeError(f"expected {ACCEPTED_IMAGE_TYPES}, got {_describe(image)}")
-        return np.ascontiguousarray(np.moveaxis(rgb, -1, 0))
+        if do_convert_rgb and array.shape[-1] != 3:
+            if array.shape[-1] == 2:  # gray + alpha: as RGBA, which `convert_to_rgb` composites on white
+                array = array[..., [0, 0, 0, 1]]
+            array = convert_to_rgb(array, return_numpy=True, input_data_format=ChannelDimension.LAST)
+        return np.ascontiguousarray(np.moveaxis(array, -1, 0))
+
+    def _preprocess(
+        self,
+        images: list[np.ndarray],
+        image_mean: float | list[float] | None,
+        image_std: float | list[float] | None,
+        do_normalize: bool,
+        do_convert_rgb: bool | None = None,
+        **kwargs,
+    ) -> BatchFeature:
+        if do_normalize:
+            _check_mean_std(images, image_mean, image_std, do_convert_rgb)
+        return super()._preprocess(
+            images, image_mean=image_mean, image_std=image_std, do_normalize=do_normalize, **kwargs
+        )
 
     def _prepare_image_like_inputs(self, images: Any, *args, expected_ndims: int = 3, **kwargs) -> list[np.ndarray]:
         images = self._prepare_images_structure(images, expected_ndims=expected_ndims)

@@ -146,3 +146,79 @@ def test_wrong_type_raises_type_error(processor, bad):
     with pytest.raises(TypeError, match="must be PIL.Image.Image, numpy.ndarray, torch.Tensor or a path"):
         pixels(processor, [PIL.Image.new("RGB", (8, 8)), bad])
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+RGBA_MEAN, RGBA_STD = [0.1, 0.2, 0.3, 0.4], [0.5, 0.25, 0.2, 0.1]
+
+
+def _rgba_image():
+    rng = np.random.default_rng(1)
+    return PIL.Image.fromarray(rng.integers(0, 256, size=(8, 8, 4), dtype=np.uint8), mode="RGBA")
+
+
+def test_do_convert_rgb_false_keeps_rgba_channels_with_four_value_mean_and_std():
+    image = _rgba_image()
+    processor = SparseMoEVLMImageProcessor(size={"height": 8, "width": 8}, do_convert_rgb=False,
+                                           image_mean=RGBA_MEAN, image_std=RGBA_STD)
+    out = pixels(processor, image)
+    assert out.shape == (1, 4, 8, 8)
+    pixel = np.asarray(image)[2, 5]  # (R, G, B, A) at row 2, column 5
+    expected = (torch.tensor(pixel / 255.0) - torch.tensor(RGBA_MEAN)) / torch.tensor(RGBA_STD)
+    torch.testing.assert_close(out[0, :, 2, 5], expected.float(), rtol=0, atol=1e-6)
+    # The same as a call-time option, for a numpy array, and after a save / load round trip.
+    default = SparseMoEVLMImageProcessor(size={"height": 8, "width": 8})
+    as_kwargs = default(np.asarray(image), do_convert_rgb=False, image_mean=RGBA_MEAN, image_std=RGBA_STD,
+                        return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(as_kwargs, out, rtol=0, atol=0)
+
+
+def test_do_convert_rgb_false_survives_save_and_load(tmp_path):
+    processor = SparseMoEVLMImageProcessor(size={"height": 8, "width": 8}, do_convert_rgb=False,
+                                           image_mean=RGBA_MEAN, image_std=RGBA_STD)
+    processor.save_pretrained(tmp_path)
+    loaded = AutoImageProcessor.from_pretrained(tmp_path)
+    assert loaded.do_convert_rgb is False
+    torch.testing.assert_close(pixels(loaded, _rgba_image()), pixels(processor, _rgba_image()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("make_image,channels", [
+    (lambda: PIL.Image.new("L", (8, 8), 7), [7]),
+    (lambda: PIL.Image.new("LA", (8, 8), (7, 9)), [7, 9]),
+    (lambda: PIL.Image.new("RGB", (8, 8), (1, 2, 3)), [1, 2, 3]),
+    (lambda: PIL.Image.new("CMYK", (8, 8), (1, 2, 3, 4)), [1, 2, 3, 4]),
+    (lambda: PIL.Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16)), [255]),  # I;16, scaled to 8 bits
+    (lambda: np.full((8, 8, 2), 9, dtype=np.uint8), [9, 9]),
+    (lambda: torch.full((4, 8, 8), 1.0), [255, 255, 255, 255]),
+])
+def test_do_convert_rgb_false_keeps_the_image_channels(make_image, channels):
+    processor = SparseMoEVLMImageProcessor(size={"height": 8, "width": 8}, do_convert_rgb=False, do_normalize=False)
+    out = pixels(processor, make_image())
+    assert out.shape == (1, len(channels), 8, 8)
+    torch.testing.assert_close(out[0, :, 0, 0], torch.tensor(channels) / 255.0, rtol=0, atol=1e-6)
+
+
+def test_default_converts_rgba_to_the_rgb_composite_on_white(processor):
+    image = _rgba_image()
+    white = PIL.Image.new("RGBA", image.size, (255, 255, 255, 255))
+    rgb = PIL.Image.alpha_composite(white, image).convert("RGB")
+    out = pixels(processor, image)
+    assert processor.do_convert_rgb is True and out.shape == (1, 3, 8, 8)
+    torch.testing.assert_close(out, pixels(processor, rgb), rtol=0, atol=0)
+    torch.testing.assert_close(pixels(processor, np.asarray(image)), out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("do_convert_rgb,mean,std,message", [
+    (False, [0.5] * 3, [0.5] * 3, r"`image_mean` has 3 values but image 1 has 4 channels: `do_convert_rgb=False` "
+                                  r"keeps each image's own channels: give one value per channel, or set "
+                                  r"`do_convert_rgb=True` to convert images to RGB \(3 channels\)\.$"),
+    (False, [0.5] * 3, [0.5] * 2, r"`image_std` has 2 values but image 0 has 3 channels"),
+    (True, RGBA_MEAN, RGBA_STD, r"`image_mean` has 4 values but image 0 has 3 channels: `do_convert_rgb=True` makes "
+                                r"every image RGB: give 3 values, or set `do_convert_rgb=False` to keep each image's "
+                                r"own channels\.$"),
+])
+def test_mean_std_not_matching_the_channels_raise_naming_the_fix(do_convert_rgb, mean, std, message):
+    processor = SparseMoEVLMImageProcessor(size={"height": 8, "width": 8}, do_convert_rgb=do_convert_rgb,
+                                           image_mean=mean, image_std=std)
+    images = [_rgba_image().convert("RGB"), _rgba_image()]  # 3 then 4 channels unless converted to RGB
+    with pytest.raises(ValueError, match=message):
+        pixels(processor, images)

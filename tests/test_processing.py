@@ -2,6 +2,7 @@ import PIL.Image
 import pytest
 import torch
 from transformers import AutoProcessor, BertTokenizer
+from transformers.processing_utils import MultiModalData
 
 from hf_sparsemoe_vlm import SparseMoEVLMProcessor, build_processor, build_tokenizer
 
@@ -163,3 +164,22 @@ def test_processor_output_drives_the_model():
     assert logits.shape[:2] == out["input_ids"].shape
     generated = model.generate(**out, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert generated.shape == (2, out["input_ids"].shape[1] + 4)
+
+
+@pytest.mark.parametrize("image_seq_length", [None, 9])
+def test_num_multimodal_tokens_match_what_the_processor_inserts(processor, image_seq_length):
+    if image_seq_length is not None:  # a processor whose count differs from the config's 16
+        processor = SparseMoEVLMProcessor(processor.image_processor, processor.tokenizer,
+                                          image_seq_length=image_seq_length)
+    sizes = [(30, 40), (32, 32), (1, 1), (2, 300), (500, 3), (48, 64)]  # (height, width)
+    data = processor._get_num_multimodal_tokens(image_sizes=sizes)
+    assert type(data) is MultiModalData
+    assert data.num_image_patches == [1] * len(sizes)
+    assert "num_video_tokens" not in data and "num_audio_tokens" not in data
+    images = [PIL.Image.new("RGB", (width, height), (255, 0, 0)) for height, width in sizes]
+    inserted = [int((processor(text="what is this? <image>", images=image, return_tensors="pt")["input_ids"]
+                     == processor.image_token_id).sum()) for image in images]
+    assert data.num_image_tokens == inserted == [image_seq_length or 16] * len(sizes)
+    batch = processor(text="<image>" * len(images), images=[images], return_tensors="pt")
+    assert int((batch["input_ids"] == processor.image_token_id).sum()) == sum(data["num_image_tokens"])
+    assert processor._get_num_multimodal_tokens() == MultiModalData()
