@@ -16,6 +16,7 @@ from transformers.conversion_mapping import register_checkpoint_conversion_mappi
 from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
 from transformers.generation import GenerationMixin
 from transformers.integrations import use_experts_implementation
+from transformers.integrations.moe import batched_mm_experts_forward
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
@@ -29,6 +30,7 @@ from transformers.models.auto import AutoModel
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRMSNorm, LlamaRotaryEmbedding
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple, logging
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
@@ -69,6 +71,9 @@ class SparseMoEVLMRouting:
         routing_weights: `(tokens_in_group, experts_in_group)` weight of each expert for each token, zero where the
             expert is off for that token.
         token_index: `(tokens_in_group,)` positions of the group's tokens in the flattened `(batch * seq_len)` input.
+        token_mask: `(tokens_in_group,)` booleans, `None` when every row is the group's: the shape-static dispatch
+            used under `torch.compile` routes every token through both groups and marks here which are this group's
+            (the others have zero routing weights).
     """
 
     layer_idx: int
@@ -76,6 +81,7 @@ class SparseMoEVLMRouting:
     router_logits: torch.Tensor
     routing_weights: torch.Tensor
     token_index: torch.Tensor
+    token_mask: torch.Tensor | None = None
 
 
 @dataclass
@@ -149,6 +155,10 @@ class SparseMoEVLMExperts(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
+        if torch.compiler.is_compiling() and not self.training:
+            # The loop below runs the experts hit, a data-dependent set that torch.compile cannot capture in one
+            # graph; Transformers' batched kernel has static shapes (it gathers each token's expert weights).
+            return batched_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
         final_hidden_states = torch.zeros_like(hidden_states)
         with torch.no_grad():
             expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
@@ -173,6 +183,10 @@ class SparseMoEVLMRouter(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.top_p = config.router_top_p
         self.max_experts_per_tok = min(config.router_max_experts_per_tok or num_experts, num_experts)
+        # The most experts one token can use: the static top-k width of the shape-static (compiled) dispatch.
+        self.max_active_experts = {"topk": self.top_k, "top_p": self.max_experts_per_tok}.get(
+            self.router_type, num_experts
+        )
         self.norm_topk_prob = config.norm_topk_prob
         self.jitter_noise = config.router_jitter_noise
         self.weight = nn.Parameter(torch.empty(num_experts, config.hidden_size))
@@ -220,11 +234,15 @@ class SparseMoEVLMExpertGroup(nn.Module):
         self.experts = SparseMoEVLMExperts(config, num_experts)
 
     def forward(
-        self, hidden_states: torch.Tensor, token_index: torch.Tensor
+        self, hidden_states: torch.Tensor, token_index: torch.Tensor, token_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, SparseMoEVLMRouting]:
         router_logits, routing_weights = self.router(hidden_states)
-        if self.fixed_top_k:
-            top_k_weights, top_k_index = routing_weights.topk(self.top_k, dim=-1)
+        if token_mask is not None:  # shape-static dispatch: tokens of the other modality get no expert
+            routing_weights = routing_weights * token_mask[:, None]
+        if self.fixed_top_k or token_mask is not None or torch.compiler.is_compiling():
+            # A fixed number of (token, expert) slots; dynamic routers fill the slots of unused experts with zero
+            # weights, so the shapes do not depend on the data (what torch.compile needs).
+            top_k_weights, top_k_index = routing_weights.topk(self.router.max_active_experts, dim=-1)
             output = self.experts(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype))
         else:
             # Dynamic routing: a variable number of experts per token. Run the active (token, expert) pairs only,
@@ -233,7 +251,9 @@ class SparseMoEVLMExpertGroup(nn.Module):
             pair_weights = routing_weights[token_idx, expert_idx].to(hidden_states.dtype)
             pair_output = self.experts(hidden_states[token_idx], expert_idx[:, None], pair_weights[:, None])
             output = torch.zeros_like(hidden_states).index_add(0, token_idx, pair_output)
-        routing = SparseMoEVLMRouting(self.layer_idx, self.group, router_logits, routing_weights, token_index)
+        routing = SparseMoEVLMRouting(
+            self.layer_idx, self.group, router_logits, routing_weights, token_index, token_mask
+        )
         return output, routing
 
 
@@ -261,6 +281,11 @@ class SparseMoEVLMSparseMoeBlock(nn.Module):
         all_tokens = torch.arange(flat.shape[0], device=flat.device)
         if self.image_moe is None or mm_token_type_ids is None:
             output, _ = self.text_moe(flat, all_tokens)
+        elif torch.compiler.is_compiling() and not self.training:
+            # Splitting the tokens by modality gives data-dependent shapes; under torch.compile (e.g. decoding with
+            # a static cache) both groups see every token, the other modality's tokens with zero routing weights.
+            is_image = mm_token_type_ids.reshape(-1).to(flat.device) == 1
+            output = self.text_moe(flat, all_tokens, ~is_image)[0] + self.image_moe(flat, all_tokens, is_image)[0]
         else:
             is_image = mm_token_type_ids.reshape(-1).to(flat.device) == 1
             output = torch.zeros_like(flat)
@@ -286,6 +311,7 @@ class SparseMoEVLMDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -330,7 +356,8 @@ class SparseMoEVLMPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _can_compile_fullgraph = False  # routing picks a data-dependent number of (token, expert) pairs
+    # Under torch.compile the sparse layers switch to a shape-static dispatch (see SparseMoEVLMSparseMoeBlock).
+    _can_compile_fullgraph = True
     _can_record_outputs = {
         "router_logits": OutputRecorder(SparseMoEVLMExpertGroup, index=1),
         "hidden_states": SparseMoEVLMDecoderLayer,
@@ -342,6 +369,15 @@ class SparseMoEVLMPreTrainedModel(PreTrainedModel):
         computes with). `save_original_format=True` writes one tensor per expert and projection instead
         (`..._moe.experts.<e>.gate_proj.weight`, ...), for tools that need unfused experts; both layouts load."""
         return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
+
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        # For custom code, Transformers skips initialising any module whose own parameters all loaded, guarding
+        # against `_init_weights` that write tensors in place. Ours (and the vision towers') only use
+        # `transformers.initialization`, which already skips loaded tensors; the guard would skip modules with no
+        # parameters of their own that initialise their children (CLIPAttention sets q/k/v), so a vision tower
+        # missing from a checkpoint would get another init than `Model(config)` gives it.
+        return False
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -378,6 +414,7 @@ class SparseMoEVLMTextModel(SparseMoEVLMPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -491,12 +528,19 @@ class SparseMoEVLMModel(SparseMoEVLMPreTrainedModel):
             raise ValueError(
                 f"`pixel_values` must have shape (num_images, channels, height, width), got {tuple(pixel_values.shape)}."
             )
-        kwargs.pop("output_hidden_states", None)
+        output_hidden_states = kwargs.pop("output_hidden_states", None)
         tower_dtype = next(self.vision_tower.parameters()).dtype
+        # Ask only for the hidden state the features come from (towers that capture outputs keep just that one, as
+        # Llava's `select_hidden_states` does); every hidden state only when the caller asks for them.
         image_outputs = self.vision_tower(
-            pixel_values.to(tower_dtype), output_hidden_states=True, return_dict=True, **kwargs
+            pixel_values.to(tower_dtype),
+            output_hidden_states=True if output_hidden_states else [self.config.vision_feature_layer],
+            return_dict=True,
+            **kwargs,
         )
         features = image_outputs.hidden_states[self.config.vision_feature_layer]
+        if not output_hidden_states:
+            image_outputs.hidden_states = None
         if features.ndim == 4:  # convolutional feature map (N, C, H, W): one token per pixel
             features = features.flatten(2).transpose(1, 2)
         elif self.config.vision_feature_select_strategy == "default":
@@ -541,6 +585,7 @@ class SparseMoEVLMModel(SparseMoEVLMPreTrainedModel):
             )
         return special_image_mask
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
     def forward(
         self,
@@ -563,6 +608,19 @@ class SparseMoEVLMModel(SparseMoEVLMPreTrainedModel):
             inputs_embeds = self.get_input_embeddings()(input_ids)
         if mm_token_type_ids is None and input_ids is not None:
             mm_token_type_ids = (input_ids == self.config.image_token_id).long()
+        if mm_token_type_ids is None and pixel_values is None and self.config.text_config.num_image_experts > 0:
+            # Embeddings with image features already merged cannot be told apart from text embeddings; guessing
+            # "all text" would route image tokens to the text experts.
+            raise ValueError(
+                "`inputs_embeds` without `input_ids` or `pixel_values` needs `mm_token_type_ids` (1 at image "
+                "positions, 0 at text positions; the processor returns it) so that image tokens reach the image "
+                "experts. For text-only embeddings pass `mm_token_type_ids=torch.zeros(inputs_embeds.shape[:2])`."
+            )
+        if mm_token_type_ids is not None and tuple(mm_token_type_ids.shape) != tuple(inputs_embeds.shape[:2]):
+            raise ValueError(
+                f"`mm_token_type_ids` has shape {tuple(mm_token_type_ids.shape)} but the input is "
+                f"{tuple(inputs_embeds.shape[:2])} (batch, sequence length): give one entry per token."
+            )
 
         image_outputs = None
         image_features = None
@@ -616,6 +674,8 @@ def router_losses(
             group_mask = torch.ones(logits.shape[0], device=logits.device)
         else:
             group_mask = token_mask.to(logits.device)[routing.token_index.to(logits.device)].float()
+        if routing.token_mask is not None:
+            group_mask = group_mask * routing.token_mask.to(logits.device)
         n_tokens = group_mask.sum()
         active = (weights > 0).float() * group_mask[:, None]
         num_experts = logits.shape[-1]
@@ -684,6 +744,16 @@ class SparseMoEVLMForConditionalGeneration(SparseMoEVLMPreTrainedModel, Generati
                         routers[(group.layer_idx, group.group)] = group.router
         return routers
 
+    def prepare_inputs_for_generation(
+        self, input_ids: torch.LongTensor, *args, mm_token_type_ids: torch.Tensor | None = None, **kwargs
+    ) -> dict:
+        if mm_token_type_ids is not None and mm_token_type_ids.shape[-1] < input_ids.shape[-1]:
+            # Assisted decoding appends candidate tokens without extending the modality mask (it only extends
+            # `token_type_ids`); generated tokens are always text (the image token is suppressed).
+            missing = input_ids.shape[-1] - mm_token_type_ids.shape[-1]
+            mm_token_type_ids = torch.cat([mm_token_type_ids, mm_token_type_ids.new_zeros(input_ids.shape[0], missing)], -1)
+        return super().prepare_inputs_for_generation(input_ids, *args, mm_token_type_ids=mm_token_type_ids, **kwargs)
+
     @torch.no_grad()
     def _adapt_laplace_scales(self, routings, token_mask: torch.Tensor | None) -> None:
         """Move each ReLU router's L1 coefficient toward `router_target_active_experts` active experts per token."""
@@ -701,6 +771,7 @@ class SparseMoEVLMForConditionalGeneration(SparseMoEVLMPreTrainedModel, Generati
             factor = rate if active > text_config.router_target_active_experts else 1.0 / rate
             router.laplace_inv_scale.mul_(factor)
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
     def forward(
         self,
