@@ -837,6 +837,9 @@ class SparseMoEVLMForConditionalGeneration(SparseMoEVLMPreTrainedModel, Generati
 
         loss = None
         if labels is not None:
+            # Image placeholders are input-only (never generated): collators that copy `input_ids` into `labels`,
+            # as TRL's vision collator does, must not train the model to predict them.
+            labels = labels.masked_fill(labels == self.config.image_token_id, -100)
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=text_config.vocab_size, **kwargs)
 
         aux_loss = z_loss = l1_loss = routing_stats = None

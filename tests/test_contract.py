@@ -183,3 +183,13 @@ def test_shape_static_dispatch_computes_what_the_split_dispatch_computes(monkeyp
         torch.testing.assert_close(getattr(static, name), getattr(split, name), rtol=1e-6, atol=1e-6)
     for key, value in split.routing_stats.items():
         torch.testing.assert_close(static.routing_stats[key], value, rtol=1e-6, atol=1e-6)
+
+
+def test_image_placeholder_labels_are_ignored_by_the_loss():
+    """Collators that copy `input_ids` into `labels` (TRL's vision collator) leave image tokens as labels."""
+    model = make_model()
+    inputs = make_inputs(model.config)
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    masked = labels.masked_fill(labels == IMAGE_TOKEN_ID, -100)
+    assert (labels == IMAGE_TOKEN_ID).sum() == 2 * model.config.image_seq_length
+    assert torch.equal(model(**inputs, labels=labels).loss, model(**inputs, labels=masked).loss)
