@@ -367,7 +367,13 @@ class SparseMoEVLMPreTrainedModel(PreTrainedModel):
     def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):
         """`PreTrainedModel.save_pretrained`, writing the fused expert tensors by default (the layout the model
         computes with). `save_original_format=True` writes one tensor per expert and projection instead
-        (`..._moe.experts.<e>.gate_proj.weight`, ...), for tools that need unfused experts; both layouts load."""
+        (`..._moe.experts.<e>.gate_proj.weight`, ...), for tools that need unfused experts; both layouts load.
+
+        Remote-code checkpoints also map `AutoModel` to the backbone: serving engines (vLLM's Transformers backend)
+        build it with `AutoModel.from_config(config, trust_remote_code=True)`."""
+        if getattr(self, "_auto_class", None) is not None and isinstance(self.config, SparseMoEVLMConfig):
+            backbone = f"{SparseMoEVLMModel.__module__.rsplit('.', 1)[-1]}.{SparseMoEVLMModel.__name__}"
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": backbone}
         return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
 
     @classmethod
@@ -614,7 +620,8 @@ class SparseMoEVLMModel(SparseMoEVLMPreTrainedModel):
             raise ValueError(
                 "`inputs_embeds` without `input_ids` or `pixel_values` needs `mm_token_type_ids` (1 at image "
                 "positions, 0 at text positions; the processor returns it) so that image tokens reach the image "
-                "experts. For text-only embeddings pass `mm_token_type_ids=torch.zeros(inputs_embeds.shape[:2])`."
+                "experts. For text-only embeddings pass `mm_token_type_ids=torch.zeros(inputs_embeds.shape[:2])`. "
+                "(vLLM's Transformers backend passes neither: serve checkpoints with `num_image_experts=0` there.)"
             )
         if mm_token_type_ids is not None and tuple(mm_token_type_ids.shape) != tuple(inputs_embeds.shape[:2]):
             raise ValueError(

@@ -159,6 +159,13 @@ class SparseMoEVLMProcessor(ProcessorMixin):
         if images is not None and isinstance(images, (int, float, dict, bytes, bool)):
             raise TypeError("`images` must be a PIL image, numpy array, torch tensor or image path, or a list of "
                             f"them; got {type(images).__name__}.")
+        for modality in ("videos", "audio", "audios"):
+            # Harnesses (lmms-eval) pass empty lists for the modalities a request lacks; this model takes images.
+            value = kwargs.pop(modality, None)
+            if value is not None and not (isinstance(value, (list, tuple)) and len(value) == 0):
+                raise ValueError(f"SparseMoE-VLM takes images and text only; got `{modality}`.")
+        if isinstance(images, (list, tuple)) and all(isinstance(i, (list, tuple)) and not i for i in images):
+            images = None  # a text-only request given as an empty image list (per prompt, or overall)
         outputs = super().__call__(images=images, text=text, **kwargs)
         if self.max_position_embeddings is not None and "input_ids" in outputs:
             lengths = [len(ids) for ids in outputs["input_ids"]]

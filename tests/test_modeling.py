@@ -153,6 +153,8 @@ def test_loss_is_cross_entropy_plus_weighted_router_losses():
     inputs = make_inputs(model.config)
     labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
     out = model(**inputs, labels=labels)
+    # Image placeholders are never targets.
+    labels = labels.masked_fill(labels == IMAGE_TOKEN_ID, -100)
     shift_logits, shift_labels = out.logits[:, :-1].reshape(-1, 128), labels[:, 1:].reshape(-1)
     ce = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
     expected = ce + 0.01 * out.aux_loss + 0.001 * out.z_loss + 0.05 * out.l1_loss

@@ -183,3 +183,16 @@ def test_num_multimodal_tokens_match_what_the_processor_inserts(processor, image
     batch = processor(text="<image>" * len(images), images=[images], return_tensors="pt")
     assert int((batch["input_ids"] == processor.image_token_id).sum()) == sum(data["num_image_tokens"])
     assert processor._get_num_multimodal_tokens() == MultiModalData()
+
+
+def test_empty_modality_lists_mean_none_and_other_modalities_are_refused(processor):
+    """Evaluation harnesses (lmms-eval) pass `videos=[]`, `audios=[]` and, for text-only requests, `images=[]`."""
+    texts = ["<image> what colour?", "how many squares?"]
+    expected = processor(text=texts[1:], return_tensors="pt")
+    for images in ([], [[]]):
+        got = processor(text=texts[1:], images=images, videos=[], audios=[], return_tensors="pt")
+        assert "pixel_values" not in got and torch.equal(got["input_ids"], expected["input_ids"])
+    with_image = processor(text=texts[:1], images=[RED], videos=[], audio=[], return_tensors="pt")
+    assert with_image["pixel_values"].shape[0] == 1
+    with pytest.raises(ValueError, match="takes images and text only; got `videos`"):
+        processor(text=texts[:1], images=[RED], videos=[[RED, BLUE]])
