@@ -161,8 +161,9 @@ class SparseMoEVLMExperts(nn.Module):
             return batched_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
         final_hidden_states = torch.zeros_like(hidden_states)
         with torch.no_grad():
-            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
-            expert_hit = expert_mask.sum(dim=(-1, -2)).nonzero()
+            # Index `num_experts` is the "no expert" sentinel (see SparseMoEVLMExpertGroup): never run.
+            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+            expert_hit = expert_mask[: self.num_experts].sum(dim=(-1, -2)).nonzero()
         for expert_idx in expert_hit[:, 0].tolist():
             top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
             gate, up = F.linear(hidden_states[token_idx], self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
@@ -232,6 +233,9 @@ class SparseMoEVLMExpertGroup(nn.Module):
         self.fixed_top_k = config.router_type == "topk"
         self.router = SparseMoEVLMRouter(config, num_experts)
         self.experts = SparseMoEVLMExperts(config, num_experts)
+        # The shape-static dispatch gives unused (token, expert) slots the sentinel index `num_experts`, the
+        # convention of Transformers' expert-parallel kernels: grouped_mm skips those rows, batched_mm zeroes them.
+        self.experts._is_expert_parallel = True
 
     def forward(
         self, hidden_states: torch.Tensor, token_index: torch.Tensor, token_mask: torch.Tensor | None = None
@@ -243,6 +247,8 @@ class SparseMoEVLMExpertGroup(nn.Module):
             # A fixed number of (token, expert) slots; dynamic routers fill the slots of unused experts with zero
             # weights, so the shapes do not depend on the data (what torch.compile needs).
             top_k_weights, top_k_index = routing_weights.topk(self.router.max_active_experts, dim=-1)
+            if not self.fixed_top_k or token_mask is not None:
+                top_k_index = top_k_index.masked_fill(top_k_weights == 0, self.experts.num_experts)
             output = self.experts(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype))
         else:
             # Dynamic routing: a variable number of experts per token. Run the active (token, expert) pairs only,

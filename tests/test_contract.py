@@ -153,7 +153,8 @@ def test_static_cache_generation_equals_dynamic_cache_generation(router_type):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("router_type", "experts"),
-                         [("topk", "eager"), ("topk", "batched_mm"), ("top_p", "eager"), ("relu", "eager")])
+                         [("topk", "eager"), ("topk", "batched_mm"), ("topk", "grouped_mm"), ("top_p", "eager"),
+                          ("top_p", "grouped_mm"), ("relu", "eager")])
 def test_decode_step_compiles_in_one_graph_and_generates_what_eager_generates(router_type, experts):
     model = make_model(router_type=router_type, num_shared_experts=1)
     model.set_experts_implementation({"text_config": experts})
