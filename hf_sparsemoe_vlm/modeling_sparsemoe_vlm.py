@@ -287,18 +287,19 @@ class SparseMoEVLMSparseMoeBlock(nn.Module):
         all_tokens = torch.arange(flat.shape[0], device=flat.device)
         if self.image_moe is None or mm_token_type_ids is None:
             output, _ = self.text_moe(flat, all_tokens)
-        elif torch.compiler.is_compiling() and not self.training:
-            # Splitting the tokens by modality gives data-dependent shapes; under torch.compile (e.g. decoding with
-            # a static cache) both groups see every token, the other modality's tokens with zero routing weights.
-            is_image = mm_token_type_ids.reshape(-1).to(flat.device) == 1
-            output = self.text_moe(flat, all_tokens, ~is_image)[0] + self.image_moe(flat, all_tokens, is_image)[0]
         else:
             is_image = mm_token_type_ids.reshape(-1).to(flat.device) == 1
-            output = torch.zeros_like(flat)
-            for group, token_index in ((self.text_moe, all_tokens[~is_image]), (self.image_moe, all_tokens[is_image])):
-                if token_index.numel() > 0:
-                    group_output, _ = group(flat[token_index], token_index)
-                    output = output.index_copy(0, token_index, group_output.to(output.device))
+            if torch.compiler.is_compiling() and not self.training:
+                # Splitting the tokens by modality gives data-dependent shapes; under torch.compile (e.g. decoding
+                # with a static cache) both groups see every token, the other modality's with zero routing weights.
+                output = self.text_moe(flat, all_tokens, ~is_image)[0] + self.image_moe(flat, all_tokens, is_image)[0]
+            else:
+                output = torch.zeros_like(flat)
+                for group, token_index in ((self.text_moe, all_tokens[~is_image]),
+                                           (self.image_moe, all_tokens[is_image])):
+                    if token_index.numel() > 0:
+                        group_output, _ = group(flat[token_index], token_index)
+                        output = output.index_copy(0, token_index, group_output.to(output.device))
         if self.shared_experts is not None:
             output = output + self.shared_experts(flat).to(output.device)
         return output.reshape(batch_size, seq_len, hidden_dim)
