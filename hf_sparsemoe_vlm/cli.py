@@ -62,7 +62,7 @@ class DataArguments:
     image_column: str = field(default="image", metadata={"help": "Image column (or image path field)."})
     question_column: str = field(default="question", metadata={"help": "Question / prompt column."})
     answer_column: str = field(default="answer", metadata={"help": "Answer / target column."})
-    num_train_examples: int = field(default=40000, metadata={"help": "Synthetic training examples."})
+    num_train_examples: int = field(default=32000, metadata={"help": "Synthetic training examples."})
     num_validation_examples: int = field(default=200, metadata={"help": "Synthetic validation examples."})
     num_test_examples: int = field(default=300, metadata={"help": "Synthetic test examples."})
     synthetic_seed: int = field(default=0, metadata={"help": "Seed of the synthetic data."})
@@ -72,9 +72,18 @@ class DataArguments:
     num_single_shape_first: int = field(default=0, metadata={
         "help": "Synthetic curriculum: this many single-shape examples come first and the run keeps the data's "
                 "order (train_sampling_strategy=sequential); 0 = off."})
-    image_after_question: bool = field(default=True, metadata={
-        "help": "Put the image after the question in the user turn, so that image tokens attend to the question "
-                "(false: image first, as LLaVA). Conversation rows keep their own order."})
+    prompt_order: str = field(default="random", metadata={
+        "help": "Where the image goes in the user turn: `random` (per example, so the model answers in either "
+                "order), `image_first` (`<image> question`, LLaVA's order) or `question_first` (`question <image>`: "
+                "image tokens attend to the question). Conversation rows keep their own order unless `random`."})
+    image_after_question: bool | None = field(default=None, metadata={
+        "help": "Deprecated: use --prompt_order (true = question_first, false = image_first)."})
+    eval_dataset: str | None = field(default=None, metadata={
+        "help": "Validation data in any form --dataset takes (instead of the source's own validation split, or rows "
+                "carved from its training rows)."})
+    test_dataset: str | None = field(default=None, metadata={
+        "help": "Test data in any form --dataset takes (instead of the source's own test split, or rows carved from "
+                "its training rows). The test figures of metrics.json and the model card come from it."})
     max_new_tokens: int = field(default=24, metadata={"help": "Generation length for evaluation and answers."})
     num_demo_answers: int = field(default=5, metadata={"help": "Test questions answered and printed at the end."})
 
@@ -87,7 +96,7 @@ TRAIN_DEFAULTS = {
     "lr_scheduler_type": "cosine",
     "warmup_steps": 100,
     "weight_decay": 0.0,
-    "max_steps": 3000,
+    "num_train_epochs": 3,  # Transformers' default; with max_steps -1 the epochs count (3 x 1,000 steps)
     "logging_steps": 50,
     "eval_strategy": "no",
     "save_strategy": "steps",
@@ -107,18 +116,45 @@ def parse_train_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, Tr
     return parser.parse_args_into_dataclasses(args=argv)
 
 
-def _load_data(data_args: DataArguments, seed: int):
-    from .data import load_vlm_dataset
+def resolve_prompt_order(data_args: DataArguments) -> str:
+    """The prompt order a run trains with; the deprecated `--image_after_question` still chooses a fixed one."""
+    from .training import PROMPT_ORDERS
+
+    if data_args.image_after_question is not None:
+        data_args.prompt_order = "question_first" if data_args.image_after_question else "image_first"
+        data_args.image_after_question = None
+    if data_args.prompt_order not in PROMPT_ORDERS:
+        raise ValueError(f"--prompt_order {data_args.prompt_order!r}: expected one of {PROMPT_ORDERS}.")
+    return data_args.prompt_order
+
+
+def load_data(data_args: DataArguments, seed: int):
+    """The train / validation / test splits `data_args` names, and where each comes from (one line per split)."""
+    from .data import load_vlm_splits
     from .synthetic_shapes import make_synthetic_dataset
 
     if data_args.dataset == "synthetic":
+        if data_args.eval_dataset or data_args.test_dataset:
+            raise ValueError("--eval_dataset / --test_dataset take data on disk; the synthetic set generates its own "
+                             "held-out splits (--num_validation_examples, --num_test_examples, --synthetic_seed).")
         question_types = tuple(t.strip() for t in data_args.question_types.split(",") if t.strip())
-        return make_synthetic_dataset(data_args.num_train_examples, data_args.num_validation_examples,
-                                      data_args.num_test_examples, seed=data_args.synthetic_seed,
-                                      image_size=data_args.image_size, question_types=question_types,
-                                      num_single_shape_first=data_args.num_single_shape_first)
-    return load_vlm_dataset(data_args.dataset, data_args.image_column, data_args.question_column,
-                            data_args.answer_column, seed=seed)
+        dataset = make_synthetic_dataset(data_args.num_train_examples, data_args.num_validation_examples,
+                                         data_args.num_test_examples, seed=data_args.synthetic_seed,
+                                         image_size=data_args.image_size, question_types=question_types,
+                                         num_single_shape_first=data_args.num_single_shape_first)
+        seed_note = f"synthetic shapes, seed {data_args.synthetic_seed}"
+        origins = {"train": f"generated ({seed_note})",
+                   "validation": f"generated held-out examples ({seed_note}; drawn apart from the training examples)",
+                   "test": f"generated held-out examples ({seed_note}; drawn apart from the training examples)"}
+        return dataset, origins
+    return load_vlm_splits(data_args.dataset, data_args.image_column, data_args.question_column,
+                           data_args.answer_column, seed=seed, validation_source=data_args.eval_dataset,
+                           test_source=data_args.test_dataset)
+
+
+def _print_splits(dataset, origins: dict[str, str]) -> None:
+    for split in ("train", "validation", "test"):
+        print(f"data: {split} {len(dataset[split]):,} rows, {origins[split]}", flush=True)
 
 
 def _build_model_and_processor(model_args: ModelArguments, train_split):
@@ -151,27 +187,14 @@ def _build_model_and_processor(model_args: ModelArguments, train_split):
     return SparseMoEVLMForConditionalGeneration(config), processor
 
 
-def _test_metrics(predictions: list[str], references: list[str], kinds: list[str]) -> dict[str, float]:
-    """Exact match on short answers (overall and per question type), BLEU / ROUGE on captions."""
-    from .metrics import load_metric
-
-    exact_match = load_metric("vqa_exact_match")
-
-    def exact(rows):
-        return exact_match.compute(predictions=[predictions[i] for i in rows],
-                                   references=[references[i] for i in rows])["exact_match"]
-
-    metrics = {"test_exact_match": exact([i for i, kind in enumerate(kinds) if kind != "caption"])}
-    captions = [i for i, kind in enumerate(kinds) if kind == "caption"]
-    if captions:
-        caption_predictions, caption_references = [predictions[i] for i in captions], [references[i] for i in captions]
-        metrics["test_caption_bleu"] = load_metric("caption_bleu").compute(
-            predictions=caption_predictions, references=caption_references)["bleu"]
-        rouge = load_metric("caption_rouge").compute(predictions=caption_predictions, references=caption_references)
-        metrics.update({f"test_caption_{name}": value for name, value in rouge.items()})
-    for kind in sorted(set(kinds) - {"answer"}):
-        metrics[f"test_exact_match_{kind}"] = exact([i for i, k in enumerate(kinds) if k == kind])
-    return metrics
+def _print_demo_answers(collator, rows, answers: dict[str, list[str]], count: int) -> None:
+    print("\nTest questions:")
+    for i in range(min(count, len(rows))):
+        row = rows[i]
+        question = row["question"] if row.get("question") else \
+            collator.conversation(row, with_answer=False)[-1]["content"][-1].get("text", "")
+        given = "   ".join(f"{order}: {order_answers[i]}" for order, order_answers in answers.items())
+        print(f"  Q: {question}\n  A: {given}   (reference: {collator.reference(row)})")
 
 
 def _training_settings(training_args: TrainingArguments) -> dict:
@@ -222,7 +245,7 @@ def train(argv: list[str]) -> dict[str, float]:
         VLMDataCollator,
         apply_lora,
         apply_training_stage,
-        generate_answers,
+        evaluate_answers,
         plot_expert_load,
     )
 
@@ -232,7 +255,12 @@ def train(argv: list[str]) -> dict[str, float]:
     started = time.time()
     output_dir = Path(training_args.output_dir)
 
-    dataset = _load_data(data_args, training_args.seed)
+    if training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:
+        raise ValueError("Nothing to train: --max_steps and --num_train_epochs are both 0. To score a saved model use "
+                         "`sparsemoe-vlm evaluate MODEL_DIR`.")
+    resolve_prompt_order(data_args)
+    dataset, origins = load_data(data_args, training_args.seed)
+    _print_splits(dataset, origins)
     if model_args.lora_r > 0 and (model_args.training_stage != "full" or model_args.freeze_vision_tower):
         raise ValueError("--lora_r trains only the LoRA adapters (everything else is frozen); leave "
                          "--training_stage at full and --freeze_vision_tower off with LoRA.")
@@ -252,7 +280,7 @@ def train(argv: list[str]) -> dict[str, float]:
             raise ValueError("--num_single_shape_first is a curriculum of the synthetic data; set it to 0 with "
                              f"--dataset {data_args.dataset}.")
         training_args.train_sampling_strategy = "sequential"  # the curriculum is the data's order
-    collator = VLMDataCollator(processor, image_after_question=data_args.image_after_question)
+    collator = VLMDataCollator(processor, prompt_order=data_args.prompt_order, seed=training_args.seed)
     trainer = SparseMoEVLMTrainer(
         model=model, args=training_args, train_dataset=dataset["train"], eval_dataset=dataset["validation"],
         data_collator=collator, processing_class=processor, generation_collator=collator,
@@ -269,15 +297,14 @@ def train(argv: list[str]) -> dict[str, float]:
     if len(dataset["validation"]):
         metrics.update({f"validation_{k.removeprefix('eval_')}": v for k, v in trainer.evaluate().items()})
     test = dataset["test"]
-    predictions = generate_answers(model, collator, test, batch_size=training_args.per_device_eval_batch_size,
-                                   max_new_tokens=data_args.max_new_tokens)
-    references = [collator.reference(row) for row in test]
-    kinds = [QUESTION_TYPES[k] for k in test["question_type"]] if "question_type" in test.column_names \
-        else ["answer"] * len(test)
-    metrics.update(_test_metrics(predictions, references, kinds))
+    test_metrics, answers = evaluate_answers(model, collator, test, batch_size=training_args.per_device_eval_batch_size,
+                                             max_new_tokens=data_args.max_new_tokens)
+    metrics.update(test_metrics)
+    metrics["test_source"] = origins["test"]
     metrics["train_minutes"] = round((time.time() - started) / 60, 2)
 
     if trainer.is_world_process_zero():
+        saved = ["model", "processor", "model card (README.md)", "metrics.json"]
         if model_args.lora_r > 0:
             trainer.model.save_pretrained(output_dir / "adapter")
             model = trainer.model.merge_and_unload()  # a plain checkpoint for from_pretrained / pipeline / push
@@ -288,19 +315,16 @@ def train(argv: list[str]) -> dict[str, float]:
         if trainer.expert_load:
             plot_expert_load(trainer.expert_load, output_dir / "expert_load.png",
                              [f"layer {i}" for i in model.config.text_config.sparse_layer_indices])
+            saved.append("routing plot (expert_load.png)")
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (output_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
         (output_dir / "run_args.json").write_text(json.dumps(
             {"model": asdict(model_args), "data": asdict(data_args), "training": _training_settings(training_args)},
             indent=2))
-        write_model_card(model, output_dir, model_id=training_args.hub_model_id or output_dir.resolve().name)
-        print("\nTest questions:")
-        for i in range(min(data_args.num_demo_answers, len(test))):
-            question = test[i]["question"] if "question" in test.column_names else \
-                collator.conversation(test[i], with_answer=False)[-1]["content"][-1].get("text", "")
-            print(f"  Q: {question}\n  A: {predictions[i]}   (reference: {references[i]})")
+        write_model_card(model, output_dir, model_id=training_args.hub_model_id or str(output_dir))
+        _print_demo_answers(collator, test, answers, data_args.num_demo_answers)
         print("\nMetrics: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
-        print(f"Saved model, processor, model card (README.md) and routing plot to {output_dir}")
+        print(f"Saved {', '.join(saved)} to {output_dir}")
     return metrics
 
 
@@ -409,13 +433,109 @@ def push(argv: list[str]) -> str:
     return commit.commit_url
 
 
-COMMANDS = {"train": train, "push": push}
+@dataclass
+class EvaluateArguments:
+    model_dir: str = field(metadata={"help": "A SparseMoE-VLM folder (model + processor), e.g. a training run."})
+    split: str = field(default="test", metadata={"help": "The split to score: test, validation or train."})
+    prompt_orders: str = field(default="both", metadata={
+        "help": "Ask each question with the image first, the question first, or `both` (each scored on its own "
+                "and pooled)."})
+    batch_size: int = field(default=64, metadata={"help": "Questions generated per batch."})
+    metrics_file: str | None = field(default=None, metadata={
+        "help": "Where the metrics JSON goes (default: MODEL_DIR/eval_<split>_results.json)."})
+    update_card: bool = field(default=False, metadata={
+        "help": "Put the figures into MODEL_DIR/metrics.json and regenerate MODEL_DIR/README.md (the model card) "
+                "with them."})
+    model_id: str | None = field(default=None, metadata={
+        "help": "The id the regenerated card's usage snippets load (default: MODEL_DIR as given)."})
+
+
+EVALUATION_ORDERS = {"both": (True, False), "image_first": (True,), "question_first": (False,)}
+
+
+def _write_json_atomically(path: Path, value) -> None:
+    """Write next to the target, then rename: an interrupted write never leaves a truncated file."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(value, indent=2))
+    temporary.replace(path)
+
+
+def evaluate(argv: list[str]) -> dict[str, float]:
+    """Run `sparsemoe-vlm evaluate MODEL_DIR`: score a saved model on a split of any dataset `train` reads (by
+    default the data and settings of the run that wrote MODEL_DIR) in one or both prompt orders; write the metrics
+    JSON and, with --update_card, the run's metrics and model card. Returns the metrics."""
+    from . import SparseMoEVLMForConditionalGeneration, SparseMoEVLMProcessor
+    from .model_card import write_model_card
+    from .training import VLMDataCollator, evaluate_answers
+
+    argv = list(argv)
+    if argv and not argv[0].startswith("-"):
+        argv = ["--model_dir", argv.pop(0)] + argv
+    model_dir = Path(argv[argv.index("--model_dir") + 1]) if "--model_dir" in argv[:-1] else None
+    parser = HfArgumentParser((EvaluateArguments, DataArguments), prog="sparsemoe-vlm evaluate MODEL_DIR")
+    run_args_path = model_dir / "run_args.json" if model_dir is not None else None
+    run_data = {}
+    if run_args_path is not None and run_args_path.is_file():
+        # The run's own data settings are the defaults: `evaluate runs/x` re-scores the test set x was scored on.
+        run_data = json.loads(run_args_path.read_text()).get("data", {})
+        known = {f.name for f in DataArguments.__dataclass_fields__.values()}
+        parser.set_defaults(**{k: v for k, v in run_data.items() if k in known and k != "image_after_question"})
+    eval_args, data_args = parser.parse_args_into_dataclasses(args=argv)
+    model_dir = Path(eval_args.model_dir)
+    if eval_args.split not in ("train", "validation", "test"):
+        raise SystemExit(f"--split {eval_args.split!r}: expected test, validation or train.")
+    if eval_args.prompt_orders not in EVALUATION_ORDERS:
+        raise SystemExit(f"--prompt_orders {eval_args.prompt_orders!r}: expected one of {sorted(EVALUATION_ORDERS)}.")
+    if not (model_dir / "config.json").is_file():
+        raise SystemExit(f"{model_dir} is not a saved model (no config.json there). Pass the --output_dir of "
+                         f"`sparsemoe-vlm train` or a folder written by `save_pretrained`.")
+    model = SparseMoEVLMForConditionalGeneration.from_pretrained(model_dir)
+    processor = SparseMoEVLMProcessor.from_pretrained(model_dir)
+    if data_args.dataset == "synthetic" and eval_args.split != "train":
+        data_args.num_train_examples, data_args.num_single_shape_first = 0, 0  # generate only what is scored
+    # Rows carved from a training file are carved with the run's seed, so its test rows are the ones scored here.
+    run_seed = json.loads(run_args_path.read_text()).get("training", {}).get("seed", 0) if run_data else 0
+    dataset, origins = load_data(data_args, seed=run_seed)
+    rows = dataset[eval_args.split]
+    if len(rows) == 0:
+        raise SystemExit(f"The {eval_args.split} split of {data_args.dataset} is empty; nothing to score.")
+    print(f"data: {eval_args.split} {len(rows):,} rows, {origins[eval_args.split]}", flush=True)
+    collator = VLMDataCollator(processor)
+    prefix = eval_args.split
+    started = time.time()
+    metrics, answers = evaluate_answers(model, collator, rows, image_first=EVALUATION_ORDERS[eval_args.prompt_orders],
+                                        batch_size=eval_args.batch_size, max_new_tokens=data_args.max_new_tokens,
+                                        prefix=prefix)
+    metrics[f"{prefix}_source"] = origins[eval_args.split]
+    metrics[f"{prefix}_prompt_orders"] = eval_args.prompt_orders
+    metrics["eval_minutes"] = round((time.time() - started) / 60, 2)
+    _print_demo_answers(collator, rows, answers, data_args.num_demo_answers)
+    metrics_file = Path(eval_args.metrics_file) if eval_args.metrics_file else \
+        model_dir / f"eval_{eval_args.split}_results.json"
+    _write_json_atomically(metrics_file, metrics)
+    print("\nMetrics: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
+    print(f"Wrote {metrics_file}")
+    if eval_args.update_card:
+        run_metrics_path = model_dir / "metrics.json"
+        run_metrics = json.loads(run_metrics_path.read_text()) if run_metrics_path.is_file() else {}
+        # The new figures replace the split's generation scores; Trainer's loss figures stay.
+        run_metrics = {k: v for k, v in run_metrics.items()
+                       if not k.startswith((f"{prefix}_exact_match", f"{prefix}_caption_", f"{prefix}_source",
+                                            f"{prefix}_prompt_orders"))}
+        run_metrics.update({k: v for k, v in metrics.items() if k != "eval_minutes"})
+        _write_json_atomically(run_metrics_path, run_metrics)
+        card = write_model_card(model, model_dir, model_id=eval_args.model_id or str(model_dir))
+        print(f"Updated {run_metrics_path} and the model card {card}")
+    return metrics
+
+
+COMMANDS = {"train": train, "evaluate": evaluate, "push": push}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
-        print("usage: sparsemoe-vlm {train,push} [options]   (sparsemoe-vlm <command> --help for the options)",
+        print("usage: sparsemoe-vlm {train,evaluate,push} [options]   (sparsemoe-vlm <command> --help for the options)",
               file=sys.stderr)
         return 2
     torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -99,13 +99,7 @@ def _standardise(split: Dataset, source: str, name: str, image_column: str, ques
     return split
 
 
-def load_vlm_dataset(source: str, image_column: str = "image", question_column: str = "question",
-                     answer_column: str = "answer", seed: int = 0, validation_fraction: float = 0.05,
-                     test_fraction: float = 0.05) -> DatasetDict:
-    """Load `source` (a `save_to_disk` folder, an imagefolder directory, a .json/.jsonl file) as train /
-    validation / test splits with columns `image`, `question`, `answer` (and `messages` for conversations).
-    Missing splits are carved from train. A missing column, image or assistant turn raises a `ValueError` naming the
-    row; nothing is skipped silently."""
+def _load_source(source: str, image_column: str) -> DatasetDict:
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"Dataset not found: {source!r} (expected `synthetic`, a folder or a .json/.jsonl file).")
@@ -117,18 +111,57 @@ def load_vlm_dataset(source: str, image_column: str = "image", question_column: 
         loaded = load_from_disk(str(path))
     else:
         loaded = load_dataset("imagefolder", data_dir=str(path))
-    splits = loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
+    return loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
+
+
+def load_vlm_splits(source: str, image_column: str = "image", question_column: str = "question",
+                    answer_column: str = "answer", seed: int = 0, validation_fraction: float = 0.05,
+                    test_fraction: float = 0.05, validation_source: str | None = None,
+                    test_source: str | None = None) -> tuple[DatasetDict, dict[str, str]]:
+    """`load_vlm_dataset`, and where each split comes from (`{"train": ..., "validation": ..., "test": ...}`, one
+    line each, for logs and model cards: the source's own split, a given file, or rows carved from train)."""
+    columns = (image_column, question_column, answer_column)
+    splits = _load_source(source, image_column)
     if "train" not in splits:
         raise ValueError(f"{source}: no `train` split (splits: {sorted(splits)}).")
-    splits = DatasetDict({name: _standardise(split, source, name, image_column, question_column, answer_column)
-                          for name, split in splits.items()})
-    if "validation" not in splits or "test" not in splits:
-        carved = _split(splits["train"], seed, validation_fraction if "validation" not in splits else 0.0,
-                        test_fraction if "test" not in splits else 0.0)
-        splits = DatasetDict({"train": carved["train"],
-                              "validation": splits["validation"] if "validation" in splits else carved["validation"],
-                              "test": splits["test"] if "test" in splits else carved["test"]})
-    return DatasetDict({name: splits[name] for name in ("train", "validation", "test")})
+    name = Path(source).name
+    origins = {split: f"the `{split}` split of {name}" for split in splits}
+    for split, given in (("validation", validation_source), ("test", test_source)):
+        if given is not None:
+            extra = _load_source(given, image_column)
+            if len(extra) != 1 and split not in extra:
+                raise ValueError(f"{given}: has splits {sorted(extra)}; give a file or folder with one split (or a "
+                                 f"`{split}` split) as the {split} data.")
+            splits[split] = extra[split] if split in extra else next(iter(extra.values()))
+            origins[split] = f"{Path(given).name} (given as the {split} set)"
+    splits = DatasetDict({split: _standardise(data, source if origins[split].startswith("the ") else origins[split],
+                                              split, *columns)
+                          for split, data in splits.items() if split in ("train", "validation", "test")})
+    missing = [split for split in ("validation", "test") if split not in splits]
+    if missing:
+        fractions = {"validation": validation_fraction, "test": test_fraction}
+        carved = _split(splits["train"], seed, *(fractions[s] if s in missing else 0.0 for s in ("validation", "test")))
+        splits["train"] = carved["train"]
+        for split in missing:
+            splits[split] = carved[split]
+            origins[split] = (f"{len(carved[split])} rows ({fractions[split]:.0%}) carved from the training rows of "
+                              f"{name} (shuffle seed {seed}); pass --{'eval' if split == 'validation' else split}"
+                              f"_dataset to give a {split} set")
+        origins["train"] = f"the rest of {name}'s training rows"
+    return DatasetDict({split: splits[split] for split in ("train", "validation", "test")}), origins
 
 
-__all__ = ["load_vlm_dataset"]
+def load_vlm_dataset(source: str, image_column: str = "image", question_column: str = "question",
+                     answer_column: str = "answer", seed: int = 0, validation_fraction: float = 0.05,
+                     test_fraction: float = 0.05, validation_source: str | None = None,
+                     test_source: str | None = None) -> DatasetDict:
+    """Load `source` (a `save_to_disk` folder, an imagefolder directory, a .json/.jsonl file) as train /
+    validation / test splits with columns `image`, `question`, `answer` (and `messages` for conversations).
+    `validation_source` / `test_source` give those splits from their own file or folder; splits neither the source
+    has nor are given are carved from train (`validation_fraction` / `test_fraction`, shuffled with `seed`). A
+    missing column, image or assistant turn raises a `ValueError` naming the row; nothing is skipped silently."""
+    return load_vlm_splits(source, image_column, question_column, answer_column, seed, validation_fraction,
+                           test_fraction, validation_source, test_source)[0]
+
+
+__all__ = ["load_vlm_dataset", "load_vlm_splits"]

@@ -134,6 +134,73 @@ def _last_routing_log(log_history: list[dict]) -> dict[str, float]:
     return {}
 
 
+# Usage snippets draw their own example image, so that they run as written. A run on the synthetic set gets a
+# scene of its own kind (a red circle left of a blue square) and a question of one of its question types.
+_SYNTHETIC_IMAGE_CODE = """from PIL import Image, ImageDraw
+
+image = Image.new("RGB", ({size}, {size}), (245, 245, 245))  # or Image.open("your_image.png")
+draw = ImageDraw.Draw(image)
+draw.ellipse(({a0}, {a1}, {a2}, {a3}), fill=(220, 40, 40))  # a red circle on the left
+draw.rectangle(({b0}, {b1}, {b2}, {b3}), fill=(40, 80, 220))  # a blue square on the right
+"""
+_PLAIN_IMAGE_CODE = """from PIL import Image
+
+image = Image.new("RGB", ({size}, {size}), (40, 80, 220))  # a stand-in: use your own, e.g. Image.open("photo.jpg")
+"""
+# Question type -> (question about the scene above, its answer).
+_SYNTHETIC_QUESTIONS = {
+    "colour": ("What colour is the circle?", "red"),
+    "position": ("Which is further left, the circle or the square?", "circle"),
+    "shape": ("What shape is blue?", "square"),
+    "count": ("How many shapes are there?", "two"),
+    "caption": ("Describe the image.", "a red circle and a blue square"),
+}
+_ORDER_WORDS = {"image_first": "the image before the question", "question_first": "the question before the image"}
+
+
+def _usage_example(config, data_args: dict, synthetic: bool) -> tuple[str, str, str | None]:
+    """The snippets' image code, question and (for the synthetic set) expected answer."""
+    size = config.image_size
+    if not synthetic:
+        return _PLAIN_IMAGE_CODE.format(size=size).strip(), "What is in the image?", None
+    unit = size / 48  # the synthetic scene's layout, scaled to the model's image size
+    box = [round(v * unit) for v in (6, 14, 22, 30, 28, 12, 44, 28)]
+    image_code = _SYNTHETIC_IMAGE_CODE.format(size=size, a0=box[0], a1=box[1], a2=box[2], a3=box[3], b0=box[4],
+                                              b1=box[5], b2=box[6], b3=box[7]).strip()
+    types = [t.strip() for t in str(data_args.get("question_types") or "colour").split(",") if t.strip()]
+    question, answer = _SYNTHETIC_QUESTIONS.get(next((t for t in types if t in _SYNTHETIC_QUESTIONS), "colour"))
+    return image_code, question, f"expected: {answer}"
+
+
+def _prompt_order(data_args: dict, metrics: dict) -> tuple[str | None, bool, str | None, str | None]:
+    """How the run ordered image and question, from its own arguments: (order, whether the snippets put the question
+    first, a one-line comment for the snippet, a sentence with the measured figure per order)."""
+    order = data_args.get("prompt_order")
+    if order is None and data_args.get("image_after_question") is not None:  # runs from before --prompt_order
+        order = "question_first" if data_args["image_after_question"] else "image_first"
+    if order is None:
+        return None, False, None, None
+    figures = {name: metrics.get(f"test_exact_match_{name}") for name in _ORDER_WORDS}
+    measured = {name: value for name, value in figures.items() if isinstance(value, int | float)}
+
+    def figure(name):
+        return f"{100 * measured[name]:.1f}%" if name in measured else None
+
+    if order == "random":
+        note = "trained with the image before or after the question, chosen per example, so either order works"
+        if len(measured) == 2:
+            note += (f" (test exact match: image first {figure('image_first')}, question first "
+                     f"{figure('question_first')})")
+        return order, False, "Trained on both prompt orders: the image may come before or after the question.", \
+            note + "."
+    other = "question_first" if order == "image_first" else "image_first"
+    note = f"trained with {_ORDER_WORDS[order]} only; keep that order"
+    if figure(order) and figure(other):
+        note += f" (test exact match {figure(order)}; asked with {_ORDER_WORDS[other]}: {figure(other)})"
+    comment = f"This model was trained with {_ORDER_WORDS[order]} only: keep that order."
+    return order, order == "question_first", comment, note + "."
+
+
 def build_model_card(
     model,
     model_id: str | None = None,
@@ -255,7 +322,8 @@ def build_model_card(
         merged = {**model_args, **settings}
         # Trainer ignores the epoch count when a number of steps is set.
         merged.pop("max_steps" if merged.get("max_steps", -1) <= 0 else "num_train_epochs", None)
-        training = [(label, merged[key]) for key, label in names.items() if key in merged]
+        training = [(label, int(merged[key]) if isinstance(merged[key], float) and merged[key].is_integer()
+                     else merged[key]) for key, label in names.items() if key in merged]
         if "train_minutes" in metrics:
             training.append(("wall time", f"{metrics['train_minutes']} min"))
 
@@ -273,10 +341,18 @@ def build_model_card(
             eval_results.append(EvalResult(task_type=task, dataset_type=dataset_type, dataset_name=dataset_name,
                                            dataset_split="test", metric_type=metric_type,
                                            metric_value=round(float(value), 4), metric_name=metric_name))
-    evaluation_summary = (f"On the held-out splits of {dataset_name}; answers are generated greedily and compared "
-                          f"after lower-casing and stripping punctuation (exact match); captions are scored with "
-                          f"BLEU (sacrebleu) and ROUGE (rouge_score). `exact_match_<type>` breaks the exact match "
-                          f"down by question type.")
+    has_captions = any(key.startswith(("test_caption_", "validation_caption_")) for key in metrics)
+    _, _, _, order_note = _prompt_order(data_args, metrics)
+    evaluation_summary = (
+        f"On held-out data of {dataset_name}"
+        + (f"; the test figures come from {metrics['test_source']}" if metrics.get("test_source") else "")
+        + ". Answers are generated greedily and compared after lower-casing and stripping punctuation (exact match)"
+        + ("; captions are scored with BLEU (sacrebleu) and ROUGE (rouge_score)" if has_captions else "")
+        + ". `exact_match_<type>` breaks the exact match down by question type"
+        + ("; `_image_first` / `_question_first` give each prompt order on its own (the plain figures pool both)"
+           if "test_exact_match_image_first" in metrics else "") + ".")
+    if order_note:
+        evaluation_summary += " Prompt order: " + order_note
 
     routing = []
     for group in groups:
@@ -290,7 +366,7 @@ def build_model_card(
     card_data = ModelCardData(
         library_name="transformers", pipeline_tag="image-text-to-text", license=license, language=language,
         tags=["moe", "mixture-of-experts", "vision-language", "sparsemoe_vlm", "image-text-to-text", *(tags or [])],
-        base_model=base_model, datasets=datasets, model_name=model_id if eval_results else None,
+        base_model=base_model, datasets=datasets, model_name=_public_name(model_id) if eval_results else None,
         eval_results=eval_results or None,
     )
     summary = (f"A {_human(counts['total'])}-parameter sparse Mixture-of-Experts vision-language model "
@@ -302,14 +378,17 @@ def build_model_card(
         decoder_mlps = "sparse Mixture-of-Experts layers with separate expert groups for image tokens and text tokens"
     else:
         decoder_mlps = "sparse Mixture-of-Experts layers with one expert pool for image and text tokens"
-    example_question = "What colour is the circle?" if synthetic or not run_args else "Describe the image."
+    image_code, example_question, expected_answer = _usage_example(config, data_args, synthetic or not run_args)
+    expected_answer = expected_answer if synthetic else None  # only a model trained on such scenes knows it
+    _, question_first, order_comment, order_note = _prompt_order(data_args, metrics)
     card = ModelCard.from_template(
         card_data, template_path=str(TEMPLATE_PATH), model_name=model_id.split("/")[-1], model_id=model_id,
         summary=summary, project_url=PROJECT_URL, hub_url=HUB_URL, base_model=base_model, conversion=conversion,
         architecture=architecture, parameters=parameters, training=training, training_summary=training_summary,
         evaluation=evaluation, evaluation_summary=evaluation_summary, routing=routing,
-        expert_load_plot=expert_load_plot, example_question=example_question,
-        image_after_question=bool(data_args.get("image_after_question")),
+        expert_load_plot=expert_load_plot, example_question=example_question, image_code=image_code,
+        expected_answer=expected_answer, question_first=question_first, prompt_order_comment=order_comment,
+        prompt_order_note=order_note,
         limitations=list(limitations or DEFAULT_LIMITATIONS), decoder_mlps=decoder_mlps,
     )
     # Optional sections leave runs of blank lines behind; Markdown needs at most one.

@@ -6,6 +6,7 @@ a Trainer that logs routing health and evaluates by generation, and the expert-l
 import itertools
 import math
 import os
+import random
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -169,35 +170,52 @@ def pretrain_vision_tower(model, image_processor, batches, num_labels: int, lear
     return losses
 
 
+PROMPT_ORDERS = ("random", "image_first", "question_first")
+
+
 class VLMDataCollator:
     """Turns rows with an image, a question and an answer into a training batch.
 
-    Each row becomes the chat `user: <image> question / assistant: answer` (`user: question <image>` with
-    `image_after_question`), rendered with the processor's chat template. Labels are the input ids on the assistant's answer (and its end token) and -100 everywhere else:
-    padding, image tokens, the prompt. Position ids count real tokens only, as `generate()` does with left padding.
+    Each row becomes the chat `user: <image> question / assistant: answer` (`prompt_order="image_first"`, LLaVA's
+    order) or `user: question <image>` (`"question_first"`: image tokens then attend to the question), rendered with
+    the processor's chat template. `"random"` picks the order per example (reproducibly from `seed`), so that the
+    trained model answers in either order. Conversation rows (e.g. LLaVA) keep their own order unless the order is
+    random or given explicitly, in which case the image moves to the start or the end of its user turn. Labels are
+    the input ids on the assistant's answer (and its end token) and -100 everywhere else: padding, image tokens,
+    the prompt. Position ids count real tokens only, as `generate()` does with left padding.
     """
 
     def __init__(self, processor: SparseMoEVLMProcessor, image_column: str = "image",
-                 question_column: str = "question", answer_column: str = "answer", image_after_question: bool = False):
+                 question_column: str = "question", answer_column: str = "answer",
+                 prompt_order: str = "image_first", seed: int = 0):
+        if prompt_order not in PROMPT_ORDERS:
+            raise ValueError(f"Unknown prompt order {prompt_order!r}; expected one of {PROMPT_ORDERS}.")
         self.processor = processor
         self.image_column = image_column
         self.question_column = question_column
         self.answer_column = answer_column
-        self.image_after_question = image_after_question
+        self.prompt_order = prompt_order
+        self._order_rng = random.Random(seed)
 
-    def conversation(self, row: dict, with_answer: bool = True) -> list[dict]:
-        """The row as chat messages; without the answer it ends before the last assistant turn."""
+    def conversation(self, row: dict, with_answer: bool = True, image_first: bool | None = None) -> list[dict]:
+        """The row as chat messages; without the answer it ends before the last assistant turn. `image_first`
+        places the image before (True) or after (False) the text of its user turn; None keeps the collator's
+        fixed order (conversation rows: their own order)."""
+        if image_first is None and self.prompt_order != "random":
+            image_first = self.prompt_order == "image_first" if not row.get("messages") else None
         if row.get("messages"):  # a conversation (e.g. LLaVA): its image items get the row's image
             messages = [{"role": m["role"], "content": [
                 {**item, "image": row[self.image_column]} if item["type"] == "image" else item
                 for item in m["content"]]} for m in row["messages"]]
+            if image_first is not None:
+                messages = [{**m, "content": _place_image(m["content"], image_first)} for m in messages]
             if not with_answer:
                 last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
                 messages = messages[:last]
             return messages
         content = [{"type": "image", "image": row[self.image_column]},
                    {"type": "text", "text": row[self.question_column]}]
-        if self.image_after_question:  # the image tokens then attend to the question (causal attention)
+        if image_first is False:  # the image tokens then attend to the question (causal attention)
             content.reverse()
         messages = [{"role": "user", "content": content}]
         if with_answer:
@@ -211,38 +229,121 @@ class VLMDataCollator:
             return "".join(item.get("text") or "" for item in last["content"] if item["type"] == "text")
         return row[self.answer_column]
 
+    def _training_order(self) -> bool | None:
+        return self._order_rng.random() < 0.5 if self.prompt_order == "random" else None
+
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         batch = self.processor.apply_chat_template(
-            [self.conversation(row) for row in rows], tokenize=True, return_dict=True, return_tensors="pt",
-            return_assistant_tokens_mask=True, processor_kwargs={"padding": True},
+            [self.conversation(row, image_first=self._training_order()) for row in rows], tokenize=True,
+            return_dict=True, return_tensors="pt", return_assistant_tokens_mask=True, processor_kwargs={"padding": True},
         )
         assistant = batch.pop("assistant_masks").bool()
         batch["labels"] = batch["input_ids"].masked_fill(~assistant, -100)
         batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         return dict(batch)
 
-    def prompts(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        """Generation inputs: the same chats up to the assistant's turn."""
+    def prompts(self, rows: list[dict], image_first: bool | None = None) -> dict[str, torch.Tensor]:
+        """Generation inputs: the same chats up to the assistant's turn, in the order `image_first` asks for
+        (default: the collator's fixed order; image first when it trains on random orders)."""
+        if image_first is None and self.prompt_order == "random":
+            image_first = True
         return dict(self.processor.apply_chat_template(
-            [self.conversation(row, with_answer=False) for row in rows], add_generation_prompt=True, tokenize=True,
-            return_dict=True, return_tensors="pt", processor_kwargs={"padding": True},
+            [self.conversation(row, with_answer=False, image_first=image_first) for row in rows],
+            add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+            processor_kwargs={"padding": True},
         ))
 
 
+def _place_image(content: list[dict], image_first: bool) -> list[dict]:
+    """A user turn's content with its image item(s) moved to the start (or the end), text kept in order."""
+    images = [item for item in content if item["type"] == "image"]
+    if not images:
+        return content
+    texts = [item for item in content if item["type"] != "image"]
+    return images + texts if image_first else texts + images
+
+
 @torch.no_grad()
-def generate_answers(model, collator: VLMDataCollator, rows, batch_size: int = 32, max_new_tokens: int = 16) -> list[str]:
-    """Greedy answers of `model` to the questions of `rows` (any sequence of dict rows)."""
+def generate_answers(model, collator: VLMDataCollator, rows, batch_size: int = 32, max_new_tokens: int = 16,
+                     image_first: bool | None = None) -> list[str]:
+    """Greedy answers of `model` to the questions of `rows` (any sequence of dict rows), asked in the prompt order
+    `image_first` chooses (default: the collator's, see `VLMDataCollator.prompts`)."""
     was_training = model.training
     model.eval()
     answers = []
     for start in range(0, len(rows), batch_size):
         chunk = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
-        inputs = {k: v.to(model.device) for k, v in collator.prompts(chunk).items()}
+        inputs = {k: v.to(model.device) for k, v in collator.prompts(chunk, image_first=image_first).items()}
         generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         new_tokens = generated[:, inputs["input_ids"].shape[1]:]
         answers.extend(text.strip() for text in collator.processor.batch_decode(new_tokens, skip_special_tokens=True))
     model.train(was_training)
     return answers
+
+
+ORDER_NAMES = {True: "image_first", False: "question_first"}
+
+
+def question_kinds(rows) -> list[str]:
+    """Each row's question type (the `question_type` column: class names or strings), or `"answer"` without one.
+    Kind `"caption"` is scored with BLEU / ROUGE, every other kind with exact match."""
+    if "question_type" not in rows.column_names:
+        return ["answer"] * len(rows)
+    feature = rows.features["question_type"]
+    names = getattr(feature, "names", None)
+    return [names[value] if names and isinstance(value, int) else str(value) for value in rows["question_type"]]
+
+
+def evaluate_answers(model, collator: VLMDataCollator, rows, *, image_first: tuple[bool, ...] = (True, False),
+                     batch_size: int = 32, max_new_tokens: int = 24, prefix: str = "test"
+                     ) -> tuple[dict[str, float], dict[str, list[str]]]:
+    """Ask every question of `rows` (a `datasets.Dataset`) in each prompt order of `image_first` and score the
+    greedy answers: exact match on short answers (overall, per order as `<prefix>_exact_match_image_first` /
+    `_question_first`, and per question type), BLEU / ROUGE on captions. Overall figures pool every order. Returns
+    the metrics and the answers per order name."""
+    if not image_first:
+        raise ValueError("`image_first` must name at least one prompt order (True: image first, False: question first).")
+    references, kinds = [collator.reference(row) for row in rows], question_kinds(rows)
+    answers = {ORDER_NAMES[order]: generate_answers(model, collator, rows, batch_size=batch_size,
+                                                    max_new_tokens=max_new_tokens, image_first=order)
+               for order in image_first}
+    predictions = [a for order in answers.values() for a in order]
+    references_all, kinds_all = references * len(answers), kinds * len(answers)
+    exact_match = load_metric("vqa_exact_match")
+
+    def exact(predicted, expected):
+        return exact_match.compute(predictions=predicted, references=expected)["exact_match"]
+
+    def rows_of(kind_filter):
+        return [i for i, kind in enumerate(kinds_all) if kind_filter(kind)]
+
+    metrics = {}
+    short = rows_of(lambda kind: kind != "caption")
+    if short:
+        metrics[f"{prefix}_exact_match"] = exact([predictions[i] for i in short], [references_all[i] for i in short])
+        if len(answers) > 1:
+            short_one = [i for i, kind in enumerate(kinds) if kind != "caption"]
+            for name, order_answers in answers.items():
+                metrics[f"{prefix}_exact_match_{name}"] = exact([order_answers[i] for i in short_one],
+                                                                [references[i] for i in short_one])
+    captions = rows_of(lambda kind: kind == "caption")
+    if captions:
+        caption_predictions = [predictions[i] for i in captions]
+        caption_references = [references_all[i] for i in captions]
+        metrics[f"{prefix}_caption_bleu"] = load_metric("caption_bleu").compute(
+            predictions=caption_predictions, references=caption_references)["bleu"]
+        rouge = load_metric("caption_rouge").compute(predictions=caption_predictions, references=caption_references)
+        metrics.update({f"{prefix}_caption_{name}": value for name, value in rouge.items()})
+    for kind in sorted(set(kinds) - {"answer"}):
+        selected = rows_of(lambda k, kind=kind: k == kind)
+        metrics[f"{prefix}_exact_match_{kind}"] = exact([predictions[i] for i in selected],
+                                                        [references_all[i] for i in selected])
+        if len(answers) > 1:
+            selected_one = [i for i, k in enumerate(kinds) if k == kind]
+            for name, order_answers in answers.items():
+                metrics[f"{prefix}_exact_match_{kind}_{name}"] = exact([order_answers[i] for i in selected_one],
+                                                                       [references[i] for i in selected_one])
+    return metrics, answers
 
 
 def routing_health(stats: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -322,51 +423,94 @@ class SparseMoEVLMTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if self.generation_collator is not None and dataset is not None:
-            predictions = generate_answers(self.model, self.generation_collator, dataset,
-                                           batch_size=self.args.per_device_eval_batch_size,
-                                           max_new_tokens=self.generation_max_new_tokens)
-            references = [self.generation_collator.reference(row) for row in dataset]
-            score = load_metric("vqa_exact_match").compute(predictions=predictions, references=references)
-            extra = {f"{metric_key_prefix}_exact_match": score["exact_match"]}
+        collator = self.generation_collator
+        if collator is not None and dataset is not None and len(dataset):
+            # A run on random prompt orders is scored in both; a fixed order in its own.
+            orders = (True, False) if collator.prompt_order == "random" else (None,)
+            references = [collator.reference(row) for row in dataset]
+            exact_match = load_metric("vqa_exact_match")
+            extra, pooled_predictions = {}, []
+            for order in orders:
+                predictions = generate_answers(self.model, collator, dataset,
+                                               batch_size=self.args.per_device_eval_batch_size,
+                                               max_new_tokens=self.generation_max_new_tokens, image_first=order)
+                pooled_predictions += predictions
+                if order is not None:
+                    extra[f"{metric_key_prefix}_exact_match_{ORDER_NAMES[order]}"] = exact_match.compute(
+                        predictions=predictions, references=references)["exact_match"]
+            extra[f"{metric_key_prefix}_exact_match"] = exact_match.compute(
+                predictions=pooled_predictions, references=references * len(orders))["exact_match"]
             self.log(extra)
             metrics.update(extra)
         return metrics
 
 
+def _load_colour(fraction: float) -> tuple[int, int, int]:
+    """White (0) to dark blue (1): a sequential scale that reads in print and for colour-blind readers."""
+    fraction = min(1.0, max(0.0, fraction))
+    low, high = (247, 251, 255), (8, 48, 107)
+    return tuple(round(lo + (hi - lo) * fraction) for lo, hi in zip(low, high, strict=True))
+
+
 def plot_expert_load(expert_load: dict[str, torch.Tensor], path: str | Path, layer_names: list[str] | None = None
                      ) -> Path:
-    """Write a PNG heat map of the share of tokens each expert received, one panel per modality group, one row
-    per sparse layer (darker = more load; the number is the share in percent)."""
-    cell, margin, title_height = 44, 10, 18
+    """Write a PNG heat map of the expert load: one panel per modality group (text / image experts), one row per
+    sparse layer, one column per expert; each cell is the percentage of the group's token-to-expert assignments in
+    that layer that went to the expert (a row sums to 100%; the uniform share is 100 / experts). The colour scale,
+    shared by the panels, is drawn on the right."""
+    from PIL import ImageFont
+
+    if not expert_load:
+        raise ValueError("No expert load to plot: the run recorded no routing statistics.")
+    shares = {group: 100 * counts.float() / counts.float().sum(-1, keepdim=True).clamp(min=1)
+              for group, counts in expert_load.items()}
+    scale_max = max(10.0, math.ceil(max(float(share.max()) for share in shares.values()) / 10) * 10)
+    font, small, title_font = (ImageFont.load_default(size=size) for size in (16, 14, 20))
+    cell, label_width, margin = 64, 86, 16
+    top = 84  # title and subtitle
     panels = []
-    for group, counts in expert_load.items():
-        share = counts.float() / counts.float().sum(-1, keepdim=True).clamp(min=1)
+    for group, share in shares.items():
         layers, experts = share.shape
-        panel = Image.new("RGB", (experts * cell + 70, layers * cell + title_height + 24), "white")
+        panel = Image.new("RGB", (label_width + experts * cell + margin, layers * cell + 78), "white")
         draw = ImageDraw.Draw(panel)
-        draw.text((4, 2), f"{group} experts: token share per layer", fill="black")
+        draw.text((label_width, 4), f"{group} experts", fill="black", font=font)
         for row in range(layers):
-            label = layer_names[row] if layer_names else f"layer {row}"
-            draw.text((4, title_height + row * cell + cell // 2 - 5), label, fill="black")
+            label = layer_names[row] if layer_names and row < len(layer_names) else f"layer {row}"
+            draw.text((6, 30 + row * cell + cell // 2 - 8), label, fill="black", font=small)
             for col in range(experts):
                 value = float(share[row, col])
-                shade = int(255 * (1 - min(1.0, value * experts / 2)))
-                x0, y0 = 64 + col * cell, title_height + row * cell
-                draw.rectangle((x0, y0, x0 + cell - 2, y0 + cell - 2), fill=(shade, shade, 255))
-                draw.text((x0 + 6, y0 + cell // 2 - 5), f"{100 * value:.0f}", fill="black" if shade > 110 else "white")
+                x0, y0 = label_width + col * cell, 30 + row * cell
+                colour = _load_colour(value / scale_max)
+                draw.rectangle((x0, y0, x0 + cell - 2, y0 + cell - 2), fill=colour, outline=(200, 200, 200))
+                dark = sum(colour) < 380
+                draw.text((x0 + 8, y0 + cell // 2 - 8), f"{value:.0f}%", fill="white" if dark else "black", font=small)
         for col in range(experts):
-            draw.text((64 + col * cell + cell // 2 - 4, title_height + layers * cell + 4), str(col), fill="black")
+            draw.text((label_width + col * cell + cell // 2 - 5, 34 + layers * cell), str(col), fill="black",
+                      font=small)
+        draw.text((label_width, 54 + layers * cell), "expert", fill="black", font=small)
         panels.append(panel)
-    if not panels:
-        raise ValueError("No expert load to plot: the run recorded no routing statistics.")
-    width = sum(p.width for p in panels) + margin * (len(panels) + 1)
-    height = max(p.height for p in panels) + 2 * margin
-    canvas = Image.new("RGB", (width, height), "white")
+    bar_width = 110
+    width = sum(p.width for p in panels) + bar_width + 2 * margin
+    height = top + max(p.height for p in panels) + margin
+    canvas = Image.new("RGB", (max(width, 640), height), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((margin, 10), "Expert load per sparse layer", fill="black", font=title_font)
+    draw.text((margin, 40), "% of each group's token-to-expert assignments (rows sum to 100%; uniform = 100 / experts)",
+              fill=(60, 60, 60), font=small)
     x = margin
     for panel in panels:
-        canvas.paste(panel, (x, margin))
-        x += panel.width + margin
+        canvas.paste(panel, (x, top))
+        x += panel.width
+    # Colour scale: 0% at the bottom, scale_max at the top.
+    bar_top, bar_height = top + 30, max(80, height - top - 30 - 2 * margin)
+    for offset in range(bar_height):
+        draw.line((x + 10, bar_top + offset, x + 34, bar_top + offset),
+                  fill=_load_colour(1 - offset / max(1, bar_height - 1)))
+    draw.rectangle((x + 10, bar_top, x + 34, bar_top + bar_height), outline=(120, 120, 120))
+    for fraction in (0.0, 0.5, 1.0):
+        y = bar_top + round((1 - fraction) * bar_height)
+        draw.text((x + 40, y - 8), f"{fraction * scale_max:.0f}%", fill="black", font=small)
+    draw.text((x + 6, top + 4), "% of tokens", fill="black", font=small)
     path = Path(path)
     canvas.save(path)
     return path

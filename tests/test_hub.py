@@ -505,11 +505,10 @@ def test_push_command_uploads_model_processor_card_and_plot_in_one_commit(hub_se
     assert ("POST", "/api/validate-yaml", 200) in hub_server.requests  # the card passed the Hub's metadata checks
     # Each of the card's usage snippets (Auto classes, pipeline, device_map) runs on its own, as written, in a fresh
     # process against the pushed repo.
-    import PIL.Image
-
-    PIL.Image.new("RGB", (32, 32), (0, 0, 255)).save(tmp_path / "shapes.png")
+    # No image file is provided: the snippets draw their own example image.
     snippets = [block.split("```")[0] for block in card.split("```python\n")[1:]]
     assert len(snippets) == 3 and "pipeline(" in snippets[1] and 'device_map="auto"' in snippets[2]
+    assert all("Image.new(" in snippet for snippet in snippets[:2]) and not list(tmp_path.glob("*.png"))
     for number, snippet in enumerate(snippets):
         result = run_client(hub_server, tmp_path / f"hf_home_snippet{number}", snippet)
         assert result.stdout.strip(), snippet  # each prints its answer / placement

@@ -183,3 +183,64 @@ def test_dataset_ids_must_be_hub_ids_and_are_checked_before_any_work(tmp_path):
     assert not (tmp_path / "never").exists()
     with pytest.raises(SystemExit, match=r"Refusing to push: --datasets 'my data' is not a Hub dataset id"):
         main(["push", str(tmp_path / "no-folder"), "org/x", "--datasets", "org/ok,my data"])
+
+
+def _run_with(folder, data=None, metrics=None):
+    fake_run(folder)
+    run_args = json.loads((folder / "run_args.json").read_text())
+    run_args["data"].update(data or {})
+    (folder / "run_args.json").write_text(json.dumps(run_args))
+    if metrics is not None:
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+    return folder
+
+
+@pytest.mark.parametrize("order,question_first,advice", [
+    ("random", False, "either order works (test exact match: image first 97.0%, question first 99.0%)."),
+    ("question_first", True, "trained with the question before the image only; keep that order (test exact match "
+                             "99.0%; asked with the image before the question: 97.0%)."),
+    ("image_first", False, "trained with the image before the question only; keep that order (test exact match "
+                           "97.0%; asked with the question before the image: 99.0%)."),
+])
+def test_card_prompt_order_advice_comes_from_how_the_run_trained(tmp_path, order, question_first, advice):
+    metrics = {"test_exact_match": 0.98, "test_exact_match_image_first": 0.97, "test_exact_match_question_first": 0.99}
+    card = build_model_card(make_model(), "org/m", _run_with(tmp_path, {"prompt_order": order}, metrics)).text
+    assert "Prompt order: " in card and advice in card
+    usage = card.split("## Usage")[1].split("With a pipeline")[0]
+    text_first = usage.index('{"type": "text"') < usage.index('{"type": "image"')
+    assert text_first == question_first
+    assert ("keep that order" in usage) == (order != "random")
+
+
+def test_card_of_a_run_from_before_prompt_orders_reads_its_old_flag(tmp_path):
+    card = build_model_card(make_model(), "org/m", _run_with(tmp_path, {"image_after_question": True})).text
+    assert "trained with the question before the image only; keep that order." in card
+
+
+@pytest.mark.parametrize("types,question,answer", [
+    ("count", "How many shapes are there?", "two"),
+    ("position,caption", "Which is further left, the circle or the square?", "circle"),
+    ("caption", "Describe the image.", "a red circle and a blue square"),
+])
+def test_card_example_asks_a_question_of_the_runs_own_types_about_an_image_it_draws(tmp_path, types, question,
+                                                                                    answer):
+    card = build_model_card(make_model(), "org/m", _run_with(tmp_path, {"question_types": types})).text
+    usage = card.split("## Usage")[1].split("Larger than memory")[0]
+    assert usage.count(question) == 2 and f"# expected: {answer}" in usage
+    assert usage.count('Image.new("RGB", (') == 2 and "shapes.png" not in usage
+    # The drawn scene matches the expected answer: a red circle left of a blue square.
+    scope = {}
+    exec(usage.split("```python\n")[1].split("from transformers")[0], scope)  # the image part of the snippet
+    image = scope["image"]
+    width = image.width
+    red = [x for x in range(width) for y in range(width) if image.getpixel((x, y)) == (220, 40, 40)]
+    blue = [x for x in range(width) for y in range(width) if image.getpixel((x, y)) == (40, 80, 220)]
+    assert red and blue and max(red) < min(blue)
+
+
+def test_card_of_a_run_without_captions_does_not_mention_caption_scores(tmp_path):
+    metrics = {"test_exact_match": 0.5, "test_source": "3 rows (5%) carved from the training rows of d.jsonl"}
+    card = build_model_card(make_model(), "org/m", _run_with(tmp_path, {"dataset": "/data/d.jsonl"}, metrics)).text
+    assert "BLEU" not in card and "ROUGE" not in card and "caption" not in card.lower()
+    assert "the test figures come from 3 rows (5%) carved from the training rows of d.jsonl" in card
+    assert "What is in the image?" in card and "# expected" not in card

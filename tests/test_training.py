@@ -91,8 +91,18 @@ def test_routing_health_figures():
 def test_expert_load_plot_is_a_png(tmp_path):
     path = plot_expert_load({"text": torch.tensor([[3, 1, 0, 4]]), "image": torch.tensor([[2, 2]])},
                             tmp_path / "load.png", ["layer 1"])
-    image = PIL.Image.open(path)
-    assert image.format == "PNG" and image.width > 100
+    image = PIL.Image.open(path).convert("RGB")
+    assert image.format is None and PIL.Image.open(path).format == "PNG"
+    assert image.width >= 640 and image.height >= 200  # readable on a model page
+    # One shared colour scale: the busiest cell (text expert 3, 50%) is the darkest, an idle one (expert 2) is white.
+    from hf_sparsemoe_vlm.training import _load_colour
+
+    pixels = set(image.getdata())
+    assert _load_colour(1.0) in pixels and _load_colour(0.0) in pixels  # the colour bar's two ends
+    cell, label_width, top, margin = 64, 86, 84, 16
+    busiest = image.getpixel((margin + label_width + 3 * cell + 4, top + 30 + 4))
+    idle = image.getpixel((margin + label_width + 2 * cell + 4, top + 30 + 4))
+    assert busiest == _load_colour(1.0) and idle == _load_colour(0.0)
     with pytest.raises(ValueError, match="No expert load"):
         plot_expert_load({}, tmp_path / "none.png")
 
@@ -111,7 +121,7 @@ def test_presets():
 def test_train_arguments_have_main_job_defaults():
     model_args, data_args, training_args = parse_train_args([])
     assert model_args.preset == "tiny-resnet" and data_args.dataset == "synthetic" and data_args.image_size == 48
-    assert data_args.image_after_question and training_args.learning_rate == 1e-3
+    assert data_args.prompt_order == "random" and training_args.learning_rate == 1e-3
     assert model_args.vision_pretraining_steps is None and model_args.freeze_vision_tower is None  # resolved by run
     assert training_args.per_device_train_batch_size == 32 and training_args.remove_unused_columns is False
 
@@ -239,7 +249,7 @@ def test_standard_trainer_flags_bf16_accumulation_checkpointing_eval_and_tensorb
 def test_collator_can_put_the_image_after_the_question():
     processor, _ = make_processor_and_model()
     before = VLMDataCollator(processor)(ROWS[:1])
-    after = VLMDataCollator(processor, image_after_question=True)(ROWS[:1])
+    after = VLMDataCollator(processor, prompt_order="question_first")(ROWS[:1])
     tokenizer = processor.tokenizer
     question_ids = tokenizer(ROWS[0]["question"], add_special_tokens=False)["input_ids"]
 
@@ -254,7 +264,7 @@ def test_collator_can_put_the_image_after_the_question():
     # Same tokens, same learned answer; only the order in the user turn changes.
     assert sorted(before["input_ids"][0].tolist()) == sorted(after["input_ids"][0].tolist())
     assert tokenizer.decode(after["input_ids"][0][after["labels"][0] != -100]) == ROWS[0]["answer"] + "<|end|>"
-    prompt = VLMDataCollator(processor, image_after_question=True).prompts(ROWS[:1])["input_ids"][0]
+    prompt = VLMDataCollator(processor, prompt_order="question_first").prompts(ROWS[:1])["input_ids"][0]
     assert int((prompt == processor.image_token_id).nonzero()[0]) > first_index(prompt, question_ids)
 
 
