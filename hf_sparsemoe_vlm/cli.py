@@ -245,6 +245,7 @@ def train(argv: list[str]) -> dict[str, float]:
         VLMDataCollator,
         apply_lora,
         apply_training_stage,
+        assign_prompt_orders,
         evaluate_answers,
         plot_expert_load,
     )
@@ -281,6 +282,8 @@ def train(argv: list[str]) -> dict[str, float]:
                              f"--dataset {data_args.dataset}.")
         training_args.train_sampling_strategy = "sequential"  # the curriculum is the data's order
     collator = VLMDataCollator(processor, prompt_order=data_args.prompt_order, seed=training_args.seed)
+    if data_args.prompt_order == "random":
+        dataset["train"] = assign_prompt_orders(dataset["train"], seed=training_args.seed)
     trainer = SparseMoEVLMTrainer(
         model=model, args=training_args, train_dataset=dataset["train"], eval_dataset=dataset["validation"],
         data_collator=collator, processing_class=processor, generation_collator=collator,

@@ -229,12 +229,16 @@ class VLMDataCollator:
             return "".join(item.get("text") or "" for item in last["content"] if item["type"] == "text")
         return row[self.answer_column]
 
-    def _training_order(self) -> bool | None:
-        return self._order_rng.random() < 0.5 if self.prompt_order == "random" else None
+    def _training_order(self, row: dict) -> bool | None:
+        if self.prompt_order != "random":
+            return None
+        if row.get("image_first") is not None:  # fixed per example by `assign_prompt_orders`
+            return bool(row["image_first"])
+        return self._order_rng.random() < 0.5
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         batch = self.processor.apply_chat_template(
-            [self.conversation(row, image_first=self._training_order()) for row in rows], tokenize=True,
+            [self.conversation(row, image_first=self._training_order(row)) for row in rows], tokenize=True,
             return_dict=True, return_tensors="pt", return_assistant_tokens_mask=True, processor_kwargs={"padding": True},
         )
         assistant = batch.pop("assistant_masks").bool()
@@ -252,6 +256,18 @@ class VLMDataCollator:
             add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
             processor_kwargs={"padding": True},
         ))
+
+
+def assign_prompt_orders(dataset, seed: int = 0):
+    """`dataset` with an `image_first` column: a random prompt order per example, fixed by `seed` and the row's index.
+    A `VLMDataCollator(prompt_order="random")` follows it, so the order of each example does not depend on the
+    order batches are drawn in (the same under resumption, several processes or any sampler); without the column
+    the collator draws orders as batches come."""
+    rng = random.Random(seed)
+    flags = [rng.random() < 0.5 for _ in range(len(dataset))]
+    if "image_first" in dataset.column_names:
+        dataset = dataset.remove_columns("image_first")
+    return dataset.add_column("image_first", flags)
 
 
 def _place_image(content: list[dict], image_first: bool) -> list[dict]:

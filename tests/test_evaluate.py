@@ -87,6 +87,28 @@ def test_random_prompt_order_is_per_example_and_reproducible():
         VLMDataCollator(processor, prompt_order="sideways")
 
 
+def test_assigned_prompt_orders_are_fixed_per_example_whatever_the_batch_order():
+    from datasets import Dataset
+
+    from hf_sparsemoe_vlm.training import assign_prompt_orders
+
+    processor, _ = make_processor_and_model()
+    rows = Dataset.from_dict({"image": [PIL.Image.new("RGB", (20, 20))] * 40, "question": ["What colour?"] * 40,
+                              "answer": ["red"] * 40})
+    flags = assign_prompt_orders(rows, seed=3)["image_first"]
+    assert flags == assign_prompt_orders(rows, seed=3)["image_first"] != assign_prompt_orders(rows, seed=4)["image_first"]
+    assert 10 <= sum(flags) <= 30
+    ordered = assign_prompt_orders(rows, seed=3)
+    collator = VLMDataCollator(processor, prompt_order="random")
+    image_id = processor.image_token_id
+    question = processor.tokenizer("What colour?", add_special_tokens=False)["input_ids"][0]
+    # Rows in reverse order, in two batches: each still gets its own order.
+    for start in (30, 0):
+        picked = [ordered[i] for i in reversed(range(start, start + 10))]
+        for row, ids in zip(picked, collator(picked)["input_ids"].tolist(), strict=True):
+            assert (ids.index(image_id) < ids.index(question)) == row["image_first"]
+
+
 def test_conversation_rows_keep_their_order_unless_asked():
     processor, _ = make_processor_and_model()
     row = {"image": PIL.Image.new("RGB", (20, 20)), "messages": [
