@@ -58,8 +58,8 @@ class OracleCollator(VLMDataCollator):
     def __call__(self, rows):
         return {**super().__call__(rows), "pixel_values": torch.stack([r["cell_labels"] for r in rows]).float()}
 
-    def prompts(self, rows):
-        return {**super().prompts(rows), "pixel_values": torch.stack([r["cell_labels"] for r in rows]).float()}
+    def prompts(self, rows, image_first=None):
+        return {**super().prompts(rows, image_first=image_first), "pixel_values": torch.stack([r["cell_labels"] for r in rows]).float()}
 
 
 def use_oracle_image_tokens(model: SparseMoEVLMForConditionalGeneration) -> None:
@@ -84,7 +84,7 @@ def run(vision: str, args, train_rows, test_rows, processor, config) -> dict:
     collator_class = OracleCollator if vision == "oracle" else VLMDataCollator
     if vision == "oracle":
         use_oracle_image_tokens(model)
-    collator = collator_class(processor, image_after_question=args.image_after_question)
+    collator = collator_class(processor, prompt_order="question_first" if args.image_after_question else "image_first")
     training_args = TrainingArguments(
         output_dir=str(Path(args.output_dir) / vision), per_device_train_batch_size=args.batch_size,
         learning_rate=args.learning_rate, lr_scheduler_type="cosine", warmup_steps=min(100, args.steps // 10),

@@ -37,6 +37,9 @@ class ModelArguments:
                 "(batch of --per_device_train_batch_size, --learning_rate) before the VLM trains. Default: "
                 f"{DEFAULT_VISION_PRETRAINING_STEPS} when a preset model is trained from scratch on the synthetic set, "
                 "else 0."})
+    vision_pretraining_offsets: bool = field(default=True, metadata={
+        "help": "Stage 0 also teaches each image token where its object's centre is, relative to the token's cell "
+                "(a regression head beside the per-patch classes), so tokens carry positions finer than the grid."})
     freeze_vision_tower: bool | None = field(default=None, metadata={
         "help": "Freeze the vision tower. Default: frozen after stage-0 pretraining (as LLaVA keeps its pretrained "
                 "encoder frozen), trained otherwise."})
@@ -231,7 +234,8 @@ def _vision_pretraining(model, processor, model_args: ModelArguments, data_args:
             raise ValueError(f"Vision pretraining labels a square grid of image tokens; this tower gives "
                              f"{model.config.image_seq_length} tokens. Set --vision_pretraining_steps 0.")
         batches = patch_label_batches(steps, training_args.per_device_train_batch_size, grid_size,
-                                      seed=training_args.seed + 1, image_size=data_args.image_size)
+                                      seed=training_args.seed + 1, image_size=data_args.image_size,
+                                      with_offsets=model_args.vision_pretraining_offsets)
         losses = pretrain_vision_tower(model, processor.image_processor, batches, len(PATCH_LABELS),
                                        learning_rate=training_args.learning_rate)
         print(f"vision pretraining: {steps} steps, patch loss {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)

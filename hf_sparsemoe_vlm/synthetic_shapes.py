@@ -60,9 +60,32 @@ def patch_labels(shapes: list[PlacedShape], image_size: int, grid_size: int,
                  min_coverage: float = 0.125) -> list[int]:
     """The class (index into `PATCH_LABELS`) of each cell of a `grid_size` x `grid_size` grid over the image, row by
     row: the shape covering most of the cell, or background when no shape covers `min_coverage` of it."""
+    return _patch_owners(shapes, image_size, grid_size, min_coverage)[0]
+
+
+def patch_centre_offsets(shapes: list[PlacedShape], image_size: int, grid_size: int,
+                         min_coverage: float = 0.125) -> list[tuple[float, float] | None]:
+    """For each cell (row by row): where the centre of the shape that owns the cell (as in `patch_labels`) lies,
+    relative to the cell's own centre, in cells (x, y); None for background. Every cell of one object then points at
+    the same point, so an image token that learns it carries its object's exact position, finer than its cell."""
+    owners = _patch_owners(shapes, image_size, grid_size, min_coverage)[1]
+    cell = image_size / grid_size
+    offsets = []
+    for index, owner in enumerate(owners):
+        if owner is None:
+            offsets.append(None)
+            continue
+        row, col = divmod(index, grid_size)
+        offsets.append(((owner.x + 0.5 - (col + 0.5) * cell) / cell, (owner.y + 0.5 - (row + 0.5) * cell) / cell))
+    return offsets
+
+
+def _patch_owners(shapes: list[PlacedShape], image_size: int, grid_size: int,
+                  min_coverage: float) -> tuple[list[int], list[PlacedShape | None]]:
     import torch
 
     best_label, best_coverage = [0] * grid_size ** 2, [0.0] * grid_size ** 2
+    owner: list[PlacedShape | None] = [None] * grid_size ** 2
     for s in shapes:
         mask = Image.new("L", (image_size, image_size), 0)
         _draw(ImageDraw.Draw(mask), s, 1)
@@ -71,20 +94,23 @@ def patch_labels(shapes: list[PlacedShape], image_size: int, grid_size: int,
         label = PATCH_LABELS.index(f"{s.colour} {s.shape}")
         for cell, value in enumerate(coverage):
             if value >= min_coverage and value > best_coverage[cell]:
-                best_label[cell], best_coverage[cell] = label, value
-    return best_label
+                best_label[cell], best_coverage[cell], owner[cell] = label, value, s
+    return best_label, owner
 
 
 def patch_label_batches(num_batches: int, batch_size: int, grid_size: int, seed: int = 0, image_size: int = 48,
-                        max_shapes: int = 3):
+                        max_shapes: int = 3, with_offsets: bool = False):
     """Batches of `(images, labels)` for vision tower pretraining: freshly drawn scenes of 1 to `max_shapes` shapes
     and their per-cell `patch_labels` (`labels` is a list of `batch_size` lists of `grid_size ** 2` ints),
-    deterministic in `seed`."""
+    deterministic in `seed`. `with_offsets` adds a third item, the per-cell `patch_centre_offsets`."""
     rng = random.Random(seed)
     for _ in range(num_batches):
         scenes = [place_shapes(rng, rng.randint(1, max_shapes), image_size) for _ in range(batch_size)]
-        yield ([draw_shapes(shapes, image_size) for shapes in scenes],
-               [patch_labels(shapes, image_size, grid_size) for shapes in scenes])
+        batch = ([draw_shapes(shapes, image_size) for shapes in scenes],
+                 [patch_labels(shapes, image_size, grid_size) for shapes in scenes])
+        if with_offsets:
+            batch += ([patch_centre_offsets(shapes, image_size, grid_size) for shapes in scenes],)
+        yield batch
 
 
 def place_shapes(rng: random.Random, count: int, image_size: int) -> list[PlacedShape]:
@@ -194,4 +220,5 @@ def make_synthetic_dataset(num_train: int = 6000, num_validation: int = 300, num
 
 
 __all__ = ["COLOURS", "PATCH_LABELS", "QUESTION_TYPES", "SHAPES", "PlacedShape", "draw_shapes", "generate_examples",
-           "make_question", "make_synthetic_dataset", "patch_label_batches", "patch_labels", "place_shapes"]
+           "make_question", "make_synthetic_dataset", "patch_centre_offsets", "patch_label_batches", "patch_labels",
+           "place_shapes"]

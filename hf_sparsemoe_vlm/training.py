@@ -135,18 +135,26 @@ def pretrain_vision_tower(model, image_processor, batches, num_labels: int, lear
     tokens (row by row; -100 ignores a cell), e.g. `synthetic_shapes.patch_label_batches`. Returns the loss of
     every step. Image tokens that each carry their own object's identity let the decoder bind question words to the
     right tokens from the start, which end-to-end training from pixels does not find on its own
-    (`benchmarks/binding_diagnostics.py`)."""
+    (`benchmarks/binding_diagnostics.py`).
+
+    Batches may carry a third item, per image and cell the offset `(x, y)` of the owning object's centre from the
+    cell's centre in cells, or None for cells without an object (`patch_label_batches(..., with_offsets=True)`): a
+    second temporary head then regresses it (mean squared error, added to the loss). Every token of an object then
+    carries the object's exact position (its cell, from the position embedding, plus this offset), finer than the
+    grid, so comparing where two objects are is one linear read-out for the decoder."""
     base = model.model if hasattr(model, "model") else model
     seq_length = model.config.image_seq_length
     head = torch.nn.Linear(model.config.vision_feature_size, num_labels).to(model.device)
+    offset_head = torch.nn.Linear(model.config.vision_feature_size, 2).to(model.device)
     tower_params = list(base.vision_tower.parameters())
-    optimizer = torch.optim.AdamW(tower_params + list(head.parameters()), lr=learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(tower_params + list(head.parameters()) + list(offset_head.parameters()),
+                                  lr=learning_rate, weight_decay=0.0)
     was_training, requires_grad = model.training, [p.requires_grad for p in tower_params]
     base.vision_tower.train()
     for p in tower_params:
         p.requires_grad_(True)
     losses = []
-    for step, (images, labels) in enumerate(batches, start=1):
+    for step, (images, labels, *rest) in enumerate(batches, start=1):
         labels = torch.as_tensor(labels, dtype=torch.long, device=model.device)
         if labels.shape != (len(images), seq_length):
             raise ValueError(f"Patch labels must have shape (num_images, image_seq_length) = ({len(images)}, "
@@ -156,8 +164,13 @@ def pretrain_vision_tower(model, image_processor, batches, num_labels: int, lear
             raise ValueError(f"Patch labels must be in [0, {num_labels}) (or -100 to ignore a cell); got values in "
                              f"[{labels.min().item()}, {labels.max().item()}].")
         pixel_values = image_processor(images, return_tensors="pt")["pixel_values"].to(model.device)
-        logits = head(base.get_vision_tokens(pixel_values).float())
+        tokens = base.get_vision_tokens(pixel_values).float()
+        logits = head(tokens)
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, num_labels), labels.flatten())
+        if rest and rest[0] is not None:
+            offsets, known = _offset_targets(rest[0], len(images), seq_length, model.device)
+            if known.any():
+                loss = loss + torch.nn.functional.mse_loss(offset_head(tokens)[known], offsets[known])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -168,6 +181,17 @@ def pretrain_vision_tower(model, image_processor, batches, num_labels: int, lear
         p.requires_grad_(flag)
     model.train(was_training)
     return losses
+
+
+def _offset_targets(offsets, num_images: int, seq_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-cell `(x, y)` offsets (None = no object) as a `(num_images, seq_length, 2)` tensor and its known-cell mask."""
+    if len(offsets) != num_images or any(len(per_image) != seq_length for per_image in offsets):
+        raise ValueError(f"Centre offsets must give one entry per image token: ({num_images}, {seq_length}) entries of "
+                         f"(x, y) or None, row by row.")
+    known = torch.tensor([[cell is not None for cell in per_image] for per_image in offsets], device=device)
+    values = torch.tensor([[cell if cell is not None else (0.0, 0.0) for cell in per_image] for per_image in offsets],
+                          dtype=torch.float32, device=device)
+    return values, known
 
 
 PROMPT_ORDERS = ("random", "image_first", "question_first")

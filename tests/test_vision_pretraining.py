@@ -11,6 +11,7 @@ from hf_sparsemoe_vlm.synthetic_shapes import (
     COLOURS,
     PATCH_LABELS,
     PlacedShape,
+    patch_centre_offsets,
     patch_label_batches,
     patch_labels,
 )
@@ -33,6 +34,43 @@ def test_patch_labels_mark_the_cells_each_shape_covers():
     both = patch_labels([square, circle], image_size=48, grid_size=6)
     assert both[9] == PATCH_LABELS.index("blue circle") and both[6:9] == [S, S, S]
     assert len(PATCH_LABELS) == 16 and PATCH_LABELS[0] == "background"
+
+
+def test_centre_offsets_point_every_cell_of_an_object_at_its_centre():
+    square = PlacedShape("square", "red", x=12, y=12, radius=6)
+    circle = PlacedShape("circle", "blue", x=30, y=12, radius=5)
+    offsets = patch_centre_offsets([square, circle], image_size=48, grid_size=6)
+    labels = patch_labels([square, circle], image_size=48, grid_size=6)
+    assert [cell is None for cell in offsets] == [label == 0 for label in labels]  # objects' cells only
+    for index, offset in enumerate(offsets):
+        if offset is None:
+            continue
+        row, col = divmod(index, 6)
+        owner = square if labels[index] == PATCH_LABELS.index("red square") else circle
+        # Cell centre + offset (in 8 px cells) = the owning object's centre (pixel centres at +0.5).
+        assert (col + 0.5 + offset[0]) * 8 == pytest.approx(owner.x + 0.5)
+        assert (row + 0.5 + offset[1]) * 8 == pytest.approx(owner.y + 0.5)
+    batch = next(patch_label_batches(1, 2, grid_size=6, seed=3, with_offsets=True))
+    assert len(batch) == 3 and [len(cells) for cells in batch[2]] == [36, 36]
+    assert batch[:2] == next(patch_label_batches(1, 2, grid_size=6, seed=3))  # same scenes and labels
+
+
+def test_pretraining_with_offsets_makes_tokens_carry_their_objects_position():
+    torch.manual_seed(0)
+    model, image_processor = _resnet_model()
+    pretrain_vision_tower(model, image_processor, patch_label_batches(80, 16, grid_size=6, seed=0, with_offsets=True),
+                          len(PATCH_LABELS), logging_steps=0)
+    images, _, offsets = next(patch_label_batches(1, 64, grid_size=6, seed=99, with_offsets=True))
+    with torch.no_grad():
+        tokens = model.get_vision_tokens(image_processor(images, return_tensors="pt")["pixel_values"])
+    known = torch.tensor([[cell is not None for cell in per_image] for per_image in offsets])
+    targets = torch.tensor([[cell or (0.0, 0.0) for cell in per_image] for per_image in offsets])[known]
+    features = torch.cat([tokens[known], torch.ones(int(known.sum()), 1)], dim=1)
+    fitted = features @ torch.linalg.lstsq(features, targets).solution  # a linear read-out of the tokens
+    residual = (fitted - targets).pow(2).mean()
+    assert residual < 0.25 * targets.var(0).mean()  # most of the offset is linearly readable
+    with pytest.raises(ValueError, match=r"Centre offsets must give one entry per image token: \(2, 36\)"):
+        pretrain_vision_tower(model, image_processor, [(images[:2], [[0] * 36] * 2, [[None] * 35] * 2)], 16)
 
 
 def test_patch_label_batches_are_deterministic_and_match_their_images():
