@@ -19,6 +19,7 @@ from .training import TRAINING_STAGES
 
 
 DEFAULT_VISION_PRETRAINING_STEPS = 300
+MAIN_JOB_QUESTION_MIX = "colour,shape,count,position,position,caption"
 
 
 @dataclass
@@ -70,8 +71,10 @@ class DataArguments:
     num_test_examples: int = field(default=300, metadata={"help": "Synthetic test examples."})
     synthetic_seed: int = field(default=0, metadata={"help": "Seed of the synthetic data."})
     image_size: int = field(default=48, metadata={"help": "Side of the synthetic images (pixels)."})
-    question_types: str = field(default=",".join(QUESTION_TYPES),
-                                metadata={"help": "Comma-separated synthetic question types."})
+    question_types: str = field(default=MAIN_JOB_QUESTION_MIX, metadata={
+        "help": f"Comma-separated synthetic question types (of {', '.join(QUESTION_TYPES)}); a type listed twice is "
+                "asked twice as often. The default asks relative position twice as often as the others: it is the "
+                "one question that needs two objects found and compared."})
     num_single_shape_first: int = field(default=0, metadata={
         "help": "Synthetic curriculum: this many single-shape examples come first and the run keeps the data's "
                 "order (train_sampling_strategy=sequential); 0 = off."})
@@ -99,7 +102,7 @@ TRAIN_DEFAULTS = {
     "lr_scheduler_type": "cosine",
     "warmup_steps": 100,
     "weight_decay": 0.0,
-    "num_train_epochs": 3,  # Transformers' default; with max_steps -1 the epochs count (3 x 1,000 steps)
+    "num_train_epochs": 5,  # with max_steps -1 (Transformers' default) the epochs count: 5 x 1,000 steps
     "logging_steps": 50,
     "eval_strategy": "no",
     "save_strategy": "steps",

@@ -42,8 +42,9 @@ def write_jsonl(path, rows):
 
 def test_main_job_defaults_follow_transformers_epochs_and_random_prompt_order():
     model_args, data_args, training_args = parse_train_args([])
-    # Transformers' own default: no step count, the epochs count (32,000 examples / 32 per step x 3 = 3,000 steps).
-    assert training_args.max_steps == -1 and training_args.num_train_epochs == 3
+    # Transformers' own default: no step count, the epochs count (32,000 examples / 32 per step x 5 = 5,000 steps).
+    assert training_args.max_steps == -1 and training_args.num_train_epochs == 5
+    assert data_args.question_types.split(",").count("position") == 2  # asked twice as often as each other type
     assert data_args.num_train_examples == 32000 and training_args.per_device_train_batch_size == 32
     assert data_args.prompt_order == "random" and data_args.image_after_question is None
     # An explicit step count still wins, as in Trainer.
