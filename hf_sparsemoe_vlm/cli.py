@@ -484,10 +484,10 @@ def evaluate(argv: list[str]) -> dict[str, float]:
     model_dir = Path(argv[argv.index("--model_dir") + 1]) if "--model_dir" in argv[:-1] else None
     parser = HfArgumentParser((EvaluateArguments, DataArguments), prog="sparsemoe-vlm evaluate MODEL_DIR")
     run_args_path = model_dir / "run_args.json" if model_dir is not None else None
-    run_data = {}
-    if run_args_path is not None and run_args_path.is_file():
+    run_args = json.loads(run_args_path.read_text()) if run_args_path is not None and run_args_path.is_file() else {}
+    run_data = run_args.get("data", {})
+    if run_data:
         # The run's own data settings are the defaults: `evaluate runs/x` re-scores the test set x was scored on.
-        run_data = json.loads(run_args_path.read_text()).get("data", {})
         known = {f.name for f in DataArguments.__dataclass_fields__.values()}
         parser.set_defaults(**{k: v for k, v in run_data.items() if k in known and k != "image_after_question"})
     eval_args, data_args = parser.parse_args_into_dataclasses(args=argv)
@@ -504,8 +504,7 @@ def evaluate(argv: list[str]) -> dict[str, float]:
     if data_args.dataset == "synthetic" and eval_args.split != "train":
         data_args.num_train_examples, data_args.num_single_shape_first = 0, 0  # generate only what is scored
     # Rows carved from a training file are carved with the run's seed, so its test rows are the ones scored here.
-    run_seed = json.loads(run_args_path.read_text()).get("training", {}).get("seed", 0) if run_data else 0
-    dataset, origins = load_data(data_args, seed=run_seed)
+    dataset, origins = load_data(data_args, seed=run_args.get("training", {}).get("seed", 0))
     rows = dataset[eval_args.split]
     if len(rows) == 0:
         raise SystemExit(f"The {eval_args.split} split of {data_args.dataset} is empty; nothing to score.")

@@ -126,6 +126,7 @@ def load_vlm_splits(source: str, image_column: str = "image", question_column: s
         raise ValueError(f"{source}: no `train` split (splits: {sorted(splits)}).")
     name = Path(source).name
     origins = {split: f"the `{split}` split of {name}" for split in splits}
+    labels = dict.fromkeys(splits, source)  # what errors call each split's data
     for split, given in (("validation", validation_source), ("test", test_source)):
         if given is not None:
             extra = _load_source(given, image_column)
@@ -133,9 +134,8 @@ def load_vlm_splits(source: str, image_column: str = "image", question_column: s
                 raise ValueError(f"{given}: has splits {sorted(extra)}; give a file or folder with one split (or a "
                                  f"`{split}` split) as the {split} data.")
             splits[split] = extra[split] if split in extra else next(iter(extra.values()))
-            origins[split] = f"{Path(given).name} (given as the {split} set)"
-    splits = DatasetDict({split: _standardise(data, source if origins[split].startswith("the ") else origins[split],
-                                              split, *columns)
+            origins[split] = labels[split] = f"{Path(given).name} (given as the {split} set)"
+    splits = DatasetDict({split: _standardise(data, labels[split], split, *columns)
                           for split, data in splits.items() if split in ("train", "validation", "test")})
     missing = [split for split in ("validation", "test") if split not in splits]
     if missing:

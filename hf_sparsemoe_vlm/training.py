@@ -347,42 +347,33 @@ def evaluate_answers(model, collator: VLMDataCollator, rows, *, image_first: tup
     answers = {ORDER_NAMES[order]: generate_answers(model, collator, rows, batch_size=batch_size,
                                                     max_new_tokens=max_new_tokens, image_first=order)
                for order in image_first}
-    predictions = [a for order in answers.values() for a in order]
-    references_all, kinds_all = references * len(answers), kinds * len(answers)
     exact_match = load_metric("vqa_exact_match")
-
-    def exact(predicted, expected):
-        return exact_match.compute(predictions=predicted, references=expected)["exact_match"]
-
-    def rows_of(kind_filter):
-        return [i for i, kind in enumerate(kinds_all) if kind_filter(kind)]
-
     metrics = {}
-    short = rows_of(lambda kind: kind != "caption")
-    if short:
-        metrics[f"{prefix}_exact_match"] = exact([predictions[i] for i in short], [references_all[i] for i in short])
+
+    def add_exact_match(key: str, keep) -> None:
+        """Exact match on the rows whose kind `keep` accepts: pooled over the orders, and per order when several."""
+        selected = [i for i, kind in enumerate(kinds) if keep(kind)]
+        if not selected:
+            return
+        metrics[key] = exact_match.compute(predictions=[a[i] for a in answers.values() for i in selected],
+                                           references=[references[i] for _ in answers for i in selected])["exact_match"]
         if len(answers) > 1:
-            short_one = [i for i, kind in enumerate(kinds) if kind != "caption"]
             for name, order_answers in answers.items():
-                metrics[f"{prefix}_exact_match_{name}"] = exact([order_answers[i] for i in short_one],
-                                                                [references[i] for i in short_one])
-    captions = rows_of(lambda kind: kind == "caption")
+                metrics[f"{key}_{name}"] = exact_match.compute(
+                    predictions=[order_answers[i] for i in selected],
+                    references=[references[i] for i in selected])["exact_match"]
+
+    add_exact_match(f"{prefix}_exact_match", lambda kind: kind != "caption")
+    captions = [i for i, kind in enumerate(kinds) if kind == "caption"]
     if captions:
-        caption_predictions = [predictions[i] for i in captions]
-        caption_references = [references_all[i] for i in captions]
+        caption_predictions = [a[i] for a in answers.values() for i in captions]
+        caption_references = [references[i] for _ in answers for i in captions]
         metrics[f"{prefix}_caption_bleu"] = load_metric("caption_bleu").compute(
             predictions=caption_predictions, references=caption_references)["bleu"]
         rouge = load_metric("caption_rouge").compute(predictions=caption_predictions, references=caption_references)
         metrics.update({f"{prefix}_caption_{name}": value for name, value in rouge.items()})
     for kind in sorted(set(kinds) - {"answer"}):
-        selected = rows_of(lambda k, kind=kind: k == kind)
-        metrics[f"{prefix}_exact_match_{kind}"] = exact([predictions[i] for i in selected],
-                                                        [references_all[i] for i in selected])
-        if len(answers) > 1:
-            selected_one = [i for i, k in enumerate(kinds) if k == kind]
-            for name, order_answers in answers.items():
-                metrics[f"{prefix}_exact_match_{kind}_{name}"] = exact([order_answers[i] for i in selected_one],
-                                                                       [references[i] for i in selected_one])
+        add_exact_match(f"{prefix}_exact_match_{kind}", lambda k, kind=kind: k == kind)
     return metrics, answers
 
 
