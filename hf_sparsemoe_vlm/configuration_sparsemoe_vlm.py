@@ -45,8 +45,9 @@ class SparseMoEVLMTextConfig(PreTrainedConfig):
     - `"relu"`: adaptive mask. Gates are `relu(router logits)`: an expert whose gate is zero is switched off for that
       token. Sparsity comes from an L1 penalty on the gates, i.e. the negative log-likelihood of a Laplace prior with
       scale `router_laplace_b` (coefficient `1 / b`). With `router_target_active_experts` set, the coefficient is
-      adapted during training (multiplied or divided by `router_laplace_adapt_rate` after each training forward) so
-      that the average number of active experts per token moves toward the target.
+      adapted during training (multiplied or divided by `router_laplace_adapt_rate` once per optimizer step, see
+      `SparseMoEVLMForConditionalGeneration.adapt_laplace_scales`) so that the average number of active experts per
+      token moves toward the target.
 
     `router_bias` adds a learned bias to the router logits (zero-initialised). Upcycled ReLU routers use it: zero
     router weights with a bias of `1 / num_experts` open every copied expert with gates summing to one, so the

@@ -13,7 +13,8 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .modeling_sparsemoe_vlm import SparseMoEVLMExpertGroup
+from .modeling_sparsemoe_vlm import ROUTER_CLASSES, SparseMoEVLMExpertGroup
+from .training import ROUTING_LOG_PREFIX, ROUTING_STATISTICS, routing_log_key
 
 
 TEMPLATE_PATH = Path(__file__).with_name("model_card_template.md")
@@ -35,13 +36,6 @@ _EVAL_METRICS = {
 }
 
 
-def _experts_per_token_bound(group: SparseMoEVLMExpertGroup) -> int:
-    router = group.router
-    if router.router_type == "topk":
-        return router.top_k
-    return router.max_experts_per_tok if router.router_type == "top_p" else router.num_experts
-
-
 def parameter_counts(model, experts_per_token: dict[str, float] | None = None) -> dict[str, float]:
     """Total parameters by part, and the decoder parameters one token uses.
 
@@ -61,7 +55,7 @@ def parameter_counts(model, experts_per_token: dict[str, float] | None = None) -
         if isinstance(module, SparseMoEVLMExpertGroup):
             size = sum(p.numel() for p in module.experts.parameters())
             per_expert = size / module.experts.num_experts
-            k = (experts_per_token or {}).get(module.group, _experts_per_token_bound(module))
+            k = (experts_per_token or {}).get(module.group, module.router.max_active_experts)
             routed[module.group] += size
             active_experts[module.group] += k * per_expert
     counts["routed_experts"] = routed["text"] + routed["image"]
@@ -84,16 +78,6 @@ def _human(count: float) -> str:
     if count >= 1e3:
         return f"{count / 1e3:.1f} K"
     return f"{count:.0f}"
-
-
-def _router_description(text_config) -> str:
-    if text_config.router_type == "topk":
-        return f"top-k softmax, k = {text_config.num_experts_per_tok}"
-    if text_config.router_type == "top_p":
-        bound = text_config.router_max_experts_per_tok or max(text_config.expert_groups.values())
-        return f"top-p (p = {text_config.router_top_p}, at most {bound} experts per token)"
-    return (f"ReLU with L1 (Laplace prior, b = {text_config.router_laplace_b}); target "
-            f"{text_config.router_target_active_experts} active experts per token")
 
 
 def hub_dataset_ids(ids: str | None, option: str = "--dataset_hub_id") -> list[str] | None:
@@ -128,7 +112,7 @@ def _read_json(path: Path) -> Any:
 
 def _last_routing_log(log_history: list[dict]) -> dict[str, float]:
     for entry in reversed(log_history):
-        routing = {k: v for k, v in entry.items() if k.startswith("routing/")}
+        routing = {k: v for k, v in entry.items() if k.startswith(ROUTING_LOG_PREFIX)}
         if routing:
             return routing
     return {}
@@ -264,9 +248,10 @@ def build_model_card(
 
     routing_log = _last_routing_log(log_history)
     groups = list(text_config.expert_groups)
-    measured = {g: routing_log[f"routing/{g}/experts_per_token"] for g in groups
-                if f"routing/{g}/experts_per_token" in routing_log}
-    counts = parameter_counts(model, measured if text_config.router_type != "topk" else None)
+    measured = {g: routing_log[routing_log_key(g, "experts_per_token")] for g in groups
+                if routing_log_key(g, "experts_per_token") in routing_log}
+    router_class = ROUTER_CLASSES[text_config.router_type]
+    counts = parameter_counts(model, measured if router_class.dynamic else None)
     vision = config.vision_config
     vision_width = getattr(vision, "hidden_size", None) or getattr(vision, "hidden_sizes", ["?"])[-1]
     vision_depth = getattr(vision, "num_hidden_layers", None) or sum(getattr(vision, "depths", []) or [0])
@@ -287,9 +272,9 @@ def build_model_card(
              + (f" + {text_config.num_image_experts} image" if text_config.num_image_experts else " (shared by image "
                 "and text tokens)") + f" routed, {text_config.num_shared_experts} shared; expert width "
              f"{text_config.moe_intermediate_size}"),
-            ("router", _router_description(text_config)),
+            ("router", router_class.describe(text_config)),
         ]
-    dynamic = text_config.router_type != "topk"
+    dynamic = router_class.dynamic
     active_note = " (measured average)" if dynamic and measured else " (upper bound)" if dynamic else ""
     parameters = [("total", f"{counts['total']:,}"), ("vision tower", f"{counts['vision_tower']:,}"),
                   ("projector", f"{counts['projector']:,}"), ("decoder", f"{counts['decoder']:,}"),
@@ -356,11 +341,9 @@ def build_model_card(
 
     routing = []
     for group in groups:
-        prefix = f"routing/{group}/"
-        if prefix + "load_entropy" in routing_log:
-            routing.append((group, routing_log.get(prefix + "experts_per_token", "-"),
-                            routing_log[prefix + "load_entropy"], routing_log.get(prefix + "max_expert_load", "-"),
-                            routing_log.get(prefix + "dead_experts", "-")))
+        if routing_log_key(group, "load_entropy") in routing_log:
+            routing.append((group, *(routing_log.get(routing_log_key(group, statistic), "-")
+                                     for statistic in ROUTING_STATISTICS)))
     expert_load_plot = "expert_load.png" if run_dir is not None and (run_dir / "expert_load.png").is_file() else None
 
     card_data = ModelCardData(
@@ -371,7 +354,7 @@ def build_model_card(
     )
     summary = (f"A {_human(counts['total'])}-parameter sparse Mixture-of-Experts vision-language model "
                f"({len(sparse_layers)} of {text_config.num_hidden_layers} decoder layers sparse, "
-               f"{_router_description(text_config)}).")
+               f"{ROUTER_CLASSES[text_config.router_type].describe(text_config)}).")
     if not sparse_layers:
         decoder_mlps = "dense (this checkpoint has no sparse layer)"
     elif text_config.num_image_experts:

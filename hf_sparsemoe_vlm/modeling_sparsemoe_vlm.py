@@ -31,7 +31,7 @@ from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRMSNor
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
-from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.generic import maybe_autocast, merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_sparsemoe_vlm import SparseMoEVLMConfig, SparseMoEVLMTextConfig
@@ -62,38 +62,74 @@ register_checkpoint_conversion_mapping(
 
 @dataclass
 class SparseMoEVLMRouting:
-    """What the router of one expert group of one sparse layer decided (recorded when router logits are requested).
+    """What the router of one expert group of one sparse layer decided (returned with `output_routing=True`).
 
     Attributes:
         layer_idx: index of the decoder layer.
         group: `"text"` or `"image"` (the text group serves every token when there is no image group).
-        router_logits: `(tokens_in_group, experts_in_group)` raw router logits.
-        routing_weights: `(tokens_in_group, experts_in_group)` weight of each expert for each token, zero where the
-            expert is off for that token.
+        router_logits: `(tokens_in_group, experts_in_group)` float32 router logits.
+        top_k_weights: `(tokens_in_group, slots)` weight of each expert a token uses, as given to the experts kernel.
+        top_k_index: `(tokens_in_group, slots)` the experts a token uses; a slot a token leaves unused (dynamic
+            routers) holds the sentinel index `experts_in_group` and weight 0.
         token_index: `(tokens_in_group,)` positions of the group's tokens in the flattened `(batch * seq_len)` input.
         token_mask: `(tokens_in_group,)` booleans, `None` when every row is the group's: the shape-static dispatch
             used under `torch.compile` routes every token through both groups and marks here which are this group's
-            (the others have zero routing weights).
+            (the others use no expert).
     """
 
     layer_idx: int
     group: str
     router_logits: torch.Tensor
-    routing_weights: torch.Tensor
+    top_k_weights: torch.Tensor
+    top_k_index: torch.Tensor
     token_index: torch.Tensor
     token_mask: torch.Tensor | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.router_logits.shape[-1]
+
+    @property
+    def expert_mask(self) -> torch.Tensor:
+        """`(tokens_in_group, experts_in_group)` booleans: which experts each token uses."""
+        used = F.one_hot(self.top_k_index, num_classes=self.num_experts + 1)[..., : self.num_experts]
+        return used.sum(dim=-2) > 0
+
+    @property
+    def routing_weights(self) -> torch.Tensor:
+        """`(tokens_in_group, experts_in_group)` weight of each expert for each token, zero where it is off."""
+        dense = self.top_k_weights.new_zeros(self.top_k_weights.shape[0], self.num_experts + 1)
+        return dense.scatter_add(-1, self.top_k_index, self.top_k_weights)[:, : self.num_experts]
+
+
+@dataclass
+class SparseMoEVLMTextModelOutputWithPast(MoeModelOutputWithPast):
+    r"""
+    router_logits (`tuple[torch.FloatTensor]`, *optional*):
+        One `(batch_size * sequence_length, experts)` float32 tensor per sparse layer, as in Transformers' MoE models:
+        each token's row holds the logits of its own group's router (columns past a smaller group's experts are
+        `-inf`). Returned with `output_router_logits=True`.
+    routing (`tuple[SparseMoEVLMRouting]`, *optional*):
+        One routing record per (sparse layer, expert group), in forward order; returned with `output_routing=True`.
+    """
+
+    routing: tuple[SparseMoEVLMRouting, ...] | None = None
 
 
 @dataclass
 class SparseMoEVLMModelOutputWithPast(MultimodalBaseModelOutputWithPast):
     r"""
-    router_logits (`tuple[SparseMoEVLMRouting]`, *optional*):
-        One routing record per (sparse layer, expert group), in forward order.
+    router_logits (`tuple[torch.FloatTensor]`, *optional*):
+        One `(batch_size * sequence_length, experts)` float32 tensor per sparse layer (see
+        `SparseMoEVLMTextModelOutputWithPast`); returned with `output_router_logits=True`.
+    routing (`tuple[SparseMoEVLMRouting]`, *optional*):
+        One routing record per (sparse layer, expert group), in forward order; returned with `output_routing=True`.
     image_hidden_states (`torch.FloatTensor` of shape `(num_images, image_seq_length, hidden_size)`, *optional*):
         Projected image features that replaced the image tokens.
     """
 
-    router_logits: tuple[SparseMoEVLMRouting, ...] | None = None
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
+    routing: tuple[SparseMoEVLMRouting, ...] | None = None
     image_hidden_states: torch.FloatTensor | None = None
 
 
@@ -106,8 +142,11 @@ class SparseMoEVLMCausalLMOutputWithPast(MultimodalCausalLMOutputWithPast):
         Router z-loss (mean squared log-sum-exp of the router logits).
     l1_loss (`torch.FloatTensor`, *optional*):
         L1 / Laplace-prior penalty on the ReLU gates (relu routing only), already scaled by `1 / b`.
-    router_logits (`tuple[SparseMoEVLMRouting]`, *optional*):
-        One routing record per (sparse layer, expert group), returned with `output_router_logits=True`.
+    router_logits (`tuple[torch.FloatTensor]`, *optional*):
+        One `(batch_size * sequence_length, experts)` float32 tensor per sparse layer, returned with
+        `output_router_logits=True` (see `SparseMoEVLMTextModelOutputWithPast`).
+    routing (`tuple[SparseMoEVLMRouting]`, *optional*):
+        One routing record per (sparse layer, expert group), returned with `output_routing=True`.
     routing_stats (`dict[str, torch.Tensor]`, *optional*):
         Detached routing statistics for logging, per group `g`: `g/expert_load` (sparse layers x experts, share of
         the group's token-expert assignments), `g/tokens_per_expert` (same shape, counts) and
@@ -119,9 +158,22 @@ class SparseMoEVLMCausalLMOutputWithPast(MultimodalCausalLMOutputWithPast):
     aux_loss: torch.FloatTensor | None = None
     z_loss: torch.FloatTensor | None = None
     l1_loss: torch.FloatTensor | None = None
-    router_logits: tuple[SparseMoEVLMRouting, ...] | None = None
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
+    routing: tuple[SparseMoEVLMRouting, ...] | None = None
     routing_stats: dict[str, torch.Tensor] | None = None
     image_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
+class SparseMoEVLMImageFeaturesOutput(BaseModelOutputWithPooling):
+    r"""
+    pooler_output (`torch.FloatTensor` of shape `(num_images, image_seq_length, hidden_size)`):
+        The projected image features that replace the image tokens.
+    vision_tokens (`torch.FloatTensor` of shape `(num_images, image_seq_length, vision_feature_size)`):
+        The vision tower's features those come from, before the projector: one row per grid cell, row by row.
+    """
+
+    vision_tokens: torch.FloatTensor | None = None
 
 
 class SparseMoEVLMMLP(nn.Module):
@@ -174,52 +226,205 @@ class SparseMoEVLMExperts(nn.Module):
 
 
 class SparseMoEVLMRouter(nn.Module):
-    """Linear router of one expert group. Returns the router logits and a dense `(tokens, experts)` matrix of
-    routing weights that is zero wherever an expert is off for a token."""
+    """Linear router of one expert group; one subclass per routing scheme decides which experts each token uses.
+
+    `forward` returns the float32 `router_logits` (what the losses need) and `(top_k_weights, top_k_index)` with
+    `max_active_experts` slots per token (what the experts kernel needs). Dynamic routers give the slots a token
+    leaves unused the sentinel index `num_experts` and weight 0, the convention of Transformers' expert-parallel
+    kernels. The class attributes and class methods answer what other modules ask about a scheme.
+    """
+
+    router_type: str
+    # Whether the number of experts depends on the token (the active parameter count is then an average).
+    dynamic: bool = True
+    # Whether the router carries the coefficient `1 / b` of a Laplace prior (an L1 penalty) on its gates.
+    has_laplace_scale: bool = False
+    # Whether a token's weights are renormalised to sum to one (`norm_topk_prob`); upcycled copies of one MLP then
+    # reproduce it.
+    normalises_weights: bool = True
+    # Whether `upcycled_state` needs the router bias (`router_bias=True`).
+    upcycling_needs_bias: bool = False
 
     def __init__(self, config: SparseMoEVLMTextConfig, num_experts: int):
         super().__init__()
-        self.router_type = config.router_type
         self.num_experts = num_experts
-        self.top_k = config.num_experts_per_tok
-        self.top_p = config.router_top_p
-        self.max_experts_per_tok = min(config.router_max_experts_per_tok or num_experts, num_experts)
-        # The most experts one token can use: the static top-k width of the shape-static (compiled) dispatch.
-        self.max_active_experts = {"topk": self.top_k, "top_p": self.max_experts_per_tok}.get(
-            self.router_type, num_experts
-        )
-        self.norm_topk_prob = config.norm_topk_prob
+        self.max_active_experts = self.experts_per_token_bound(config, num_experts)
         self.jitter_noise = config.router_jitter_noise
         self.weight = nn.Parameter(torch.empty(num_experts, config.hidden_size))
         self.bias = nn.Parameter(torch.zeros(num_experts)) if config.router_bias else None
-        if self.router_type == "relu":
-            # Coefficient 1/b of the Laplace prior on the gates; adapted in training toward a target sparsity.
-            self.laplace_inv_scale = nn.Buffer(torch.tensor(1.0 / config.router_laplace_b))
 
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @classmethod
+    def experts_per_token_bound(cls, config: SparseMoEVLMTextConfig, num_experts: int) -> int:
+        """The most experts of a group of `num_experts` that one token can use."""
+        raise NotImplementedError
+
+    @classmethod
+    def describe(cls, config: SparseMoEVLMTextConfig) -> str:
+        """The routing scheme in a few words (model cards)."""
+        raise NotImplementedError
+
+    @classmethod
+    def upcycled_state(
+        cls, config: SparseMoEVLMTextConfig, num_experts: int, dtype: torch.dtype, generator: torch.Generator | None
+    ) -> dict[str, torch.Tensor]:
+        """Initial router tensors (`weight`, and `bias` when the config has one) for a group of experts that are
+        all copies of one dense MLP: a random router, as sparse upcycling starts from."""
+        state = {"weight": torch.empty(num_experts, config.hidden_size, dtype=dtype).normal_(
+            0.0, config.initializer_range, generator=generator)}
+        if config.router_bias:
+            state["bias"] = torch.zeros(num_experts, dtype=dtype)
+        return state
+
+    def route(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(tokens, num_experts)` logits -> `top_k_weights`, `top_k_index`, each `(tokens, max_active_experts)`."""
+        raise NotImplementedError
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.training and self.jitter_noise > 0:
             hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(
                 1.0 - self.jitter_noise, 1.0 + self.jitter_noise
             )
-        # Routing decisions in float32 whatever the model dtype (bf16 logits tie and flip experts).
-        bias = self.bias.float() if self.bias is not None else None
-        router_logits = F.linear(hidden_states.float(), self.weight.float(), bias)
-        if self.router_type == "relu":
-            return router_logits, F.relu(router_logits)
+        # Routing decisions in float32 whatever the model dtype or autocast (bf16 logits tie and flip experts).
+        with maybe_autocast(device_type=hidden_states.device.type, enabled=False):
+            bias = self.bias.float() if self.bias is not None else None
+            router_logits = F.linear(hidden_states.float(), self.weight.float(), bias)
+            top_k_weights, top_k_index = self.route(router_logits)
+        return router_logits, top_k_weights, top_k_index
 
-        probs = router_logits.softmax(dim=-1)
-        if self.router_type == "topk":
-            top_values, top_index = probs.topk(self.top_k, dim=-1)
-            routing_weights = torch.zeros_like(probs).scatter(-1, top_index, top_values)
-        else:  # top_p: the fewest experts whose mass reaches top_p, at least one, at most max_experts_per_tok
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-            keep = mass_before < self.top_p
-            keep[..., self.max_experts_per_tok :] = False
-            routing_weights = torch.zeros_like(probs).scatter(-1, order, sorted_probs * keep)
+
+class SparseMoEVLMTopKRouter(SparseMoEVLMRouter):
+    """Softmax over the group's experts; each token uses its `num_experts_per_tok` most probable experts, their
+    weights renormalised to sum to one when `norm_topk_prob` (Mixtral's router)."""
+
+    router_type = "topk"
+    dynamic = False
+
+    def __init__(self, config: SparseMoEVLMTextConfig, num_experts: int):
+        super().__init__(config, num_experts)
+        self.norm_topk_prob = config.norm_topk_prob
+
+    @classmethod
+    def experts_per_token_bound(cls, config: SparseMoEVLMTextConfig, num_experts: int) -> int:
+        return config.num_experts_per_tok
+
+    @classmethod
+    def describe(cls, config: SparseMoEVLMTextConfig) -> str:
+        return f"top-k softmax, k = {config.num_experts_per_tok}"
+
+    def route(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        top_k_weights, top_k_index = router_logits.softmax(dim=-1).topk(self.max_active_experts, dim=-1)
         if self.norm_topk_prob:
-            routing_weights = routing_weights / routing_weights.sum(dim=-1, keepdim=True)
-        return router_logits, routing_weights
+            top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
+        return top_k_weights, top_k_index
+
+
+class SparseMoEVLMTopPRouter(SparseMoEVLMRouter):
+    """Dynamic routing: each token uses the fewest most probable experts whose probability mass reaches
+    `router_top_p` (at least one, at most `router_max_experts_per_tok`)."""
+
+    router_type = "top_p"
+
+    def __init__(self, config: SparseMoEVLMTextConfig, num_experts: int):
+        super().__init__(config, num_experts)
+        self.top_p = config.router_top_p
+        self.norm_topk_prob = config.norm_topk_prob
+
+    @classmethod
+    def experts_per_token_bound(cls, config: SparseMoEVLMTextConfig, num_experts: int) -> int:
+        return min(config.router_max_experts_per_tok or num_experts, num_experts)
+
+    @classmethod
+    def describe(cls, config: SparseMoEVLMTextConfig) -> str:
+        bound = config.router_max_experts_per_tok or max(config.expert_groups.values())
+        return f"top-p (p = {config.router_top_p}, at most {bound} experts per token)"
+
+    def route(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sorted_probs, order = router_logits.softmax(dim=-1).topk(self.max_active_experts, dim=-1)
+        keep = sorted_probs.cumsum(dim=-1) - sorted_probs < self.top_p  # the mass before an expert is short of p
+        top_k_weights = sorted_probs * keep
+        if self.norm_topk_prob:
+            top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
+        return top_k_weights, order.masked_fill(~keep, self.num_experts)
+
+
+class SparseMoEVLMReLURouter(SparseMoEVLMRouter):
+    """Adaptive mask: gates are `relu(router logits)`, and an expert whose gate is zero is off for that token. An L1
+    penalty on the gates, the negative log-likelihood of a Laplace prior with scale `b`, drives the sparsity; its
+    coefficient `laplace_inv_scale = 1 / b` can be adapted toward a target number of active experts per token,
+    once per optimizer step (`observe` during training forwards, then `adapt_laplace_scale`)."""
+
+    router_type = "relu"
+    has_laplace_scale = True
+    normalises_weights = False
+    upcycling_needs_bias = True
+
+    def __init__(self, config: SparseMoEVLMTextConfig, num_experts: int):
+        super().__init__(config, num_experts)
+        self.laplace_inv_scale = nn.Buffer(torch.tensor(1.0 / config.router_laplace_b))
+        self.target_active_experts = config.router_target_active_experts
+        self.adapt_rate = config.router_laplace_adapt_rate
+        # Active (token, expert) pairs and tokens seen since the last adaptation: plain attributes, not buffers,
+        # so that DDP's buffer broadcast does not overwrite each process's own counts.
+        self.observed: torch.Tensor | None = None
+        self.forwards_observed = 0
+
+    @classmethod
+    def experts_per_token_bound(cls, config: SparseMoEVLMTextConfig, num_experts: int) -> int:
+        return num_experts
+
+    @classmethod
+    def describe(cls, config: SparseMoEVLMTextConfig) -> str:
+        return (f"ReLU with L1 (Laplace prior, b = {config.router_laplace_b}); target "
+                f"{config.router_target_active_experts} active experts per token")
+
+    @classmethod
+    def upcycled_state(
+        cls, config: SparseMoEVLMTextConfig, num_experts: int, dtype: torch.dtype, generator: torch.Generator | None
+    ) -> dict[str, torch.Tensor]:
+        # Zero weights and a bias of 1/E: every copied expert is open with gates summing to one, so the upcycled layer
+        # starts equal to the dense MLP, and the L1 penalty then switches experts off.
+        return {"weight": torch.zeros(num_experts, config.hidden_size, dtype=dtype),
+                "bias": torch.full((num_experts,), 1.0 / num_experts, dtype=dtype)}
+
+    def route(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gates = F.relu(router_logits)
+        experts = torch.arange(self.num_experts, device=gates.device).expand_as(gates)
+        return gates, experts.masked_fill(gates == 0, self.num_experts)
+
+    @torch.no_grad()
+    def observe(self, routing: SparseMoEVLMRouting, token_mask: torch.Tensor | None) -> None:
+        """Count the active experts of this forward's real tokens (`token_mask`: flattened attention mask)."""
+        used = routing.top_k_index < self.num_experts
+        real = torch.ones(used.shape[0], dtype=torch.bool, device=used.device)
+        if token_mask is not None:
+            real = token_mask.to(used.device)[routing.token_index.to(used.device)].bool()
+        if routing.token_mask is not None:
+            real = real & routing.token_mask.to(used.device)
+        counts = torch.stack([used[real].sum(), real.sum()]).float()
+        self.observed = counts if self.observed is None else self.observed + counts.to(self.observed.device)
+        self.forwards_observed += 1
+        if self.forwards_observed == 256:
+            logger.warning_once(
+                "The ReLU routers' Laplace coefficients have not been adapted for 256 training forwards although "
+                "`router_target_active_experts` is set: add `hf_sparsemoe_vlm.training.LaplaceScaleCallback()` to the "
+                "Trainer's callbacks, or call `model.adapt_laplace_scales()` after each optimizer step."
+            )
+
+    @torch.no_grad()
+    def adapt_laplace_scale(self) -> None:
+        """Multiply `1 / b` by `router_laplace_adapt_rate` when the tokens observed since the last call used more
+        experts than the target on average, divide it otherwise; then start counting afresh."""
+        observed, self.observed, self.forwards_observed = self.observed, None, 0
+        if self.target_active_experts is None or observed is None or observed[1] == 0:
+            return
+        active = observed[0] / observed[1]
+        factor = self.adapt_rate if active > self.target_active_experts else 1.0 / self.adapt_rate
+        self.laplace_inv_scale.mul_(factor)
+
+
+ROUTER_CLASSES: dict[str, type[SparseMoEVLMRouter]] = {
+    router.router_type: router for router in (SparseMoEVLMTopKRouter, SparseMoEVLMTopPRouter, SparseMoEVLMReLURouter)
+}
 
 
 class SparseMoEVLMExpertGroup(nn.Module):
@@ -229,43 +434,40 @@ class SparseMoEVLMExpertGroup(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.group = group
-        self.top_k = config.num_experts_per_tok
-        self.fixed_top_k = config.router_type == "topk"
-        self.router = SparseMoEVLMRouter(config, num_experts)
+        self.router = ROUTER_CLASSES[config.router_type](config, num_experts)
         self.experts = SparseMoEVLMExperts(config, num_experts)
-        # The shape-static dispatch gives unused (token, expert) slots the sentinel index `num_experts`, the
-        # convention of Transformers' expert-parallel kernels: grouped_mm skips those rows, batched_mm zeroes them.
+        # Unused (token, expert) slots hold the sentinel index `num_experts`, the convention of Transformers'
+        # expert-parallel kernels: grouped_mm skips those rows, batched_mm zeroes them.
         self.experts._is_expert_parallel = True
 
     def forward(
         self, hidden_states: torch.Tensor, token_index: torch.Tensor, token_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, SparseMoEVLMRouting]:
-        router_logits, routing_weights = self.router(hidden_states)
-        if token_mask is not None:  # shape-static dispatch: tokens of the other modality get no expert
-            routing_weights = routing_weights * token_mask[:, None]
-        if self.fixed_top_k or token_mask is not None or torch.compiler.is_compiling():
-            # A fixed number of (token, expert) slots; dynamic routers fill the slots of unused experts with zero
-            # weights, so the shapes do not depend on the data (what torch.compile needs).
-            top_k_weights, top_k_index = routing_weights.topk(self.router.max_active_experts, dim=-1)
-            if not self.fixed_top_k or token_mask is not None:
-                top_k_index = top_k_index.masked_fill(top_k_weights == 0, self.experts.num_experts)
-            output = self.experts(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype))
-        else:
-            # Dynamic routing: a variable number of experts per token. Run the active (token, expert) pairs only,
-            # as a top-1 batch through the experts kernel, then sum each token's pairs.
-            token_idx, expert_idx = routing_weights.nonzero(as_tuple=True)
-            pair_weights = routing_weights[token_idx, expert_idx].to(hidden_states.dtype)
-            pair_output = self.experts(hidden_states[token_idx], expert_idx[:, None], pair_weights[:, None])
+        router_logits, top_k_weights, top_k_index = self.router(hidden_states)
+        if token_mask is not None:  # shape-static dispatch: tokens of the other modality use no expert
+            top_k_weights = top_k_weights * token_mask[:, None]
+            top_k_index = top_k_index.masked_fill(~token_mask[:, None], self.experts.num_experts)
+        if self.router.dynamic and token_mask is None and not torch.compiler.is_compiling():
+            # A variable number of experts per token: run only the used (token, expert) pairs, as a top-1 batch, so
+            # that no kernel sorts or gathers the unused slots; then sum each token's pairs.
+            token_idx, slot = (top_k_index < self.experts.num_experts).nonzero(as_tuple=True)
+            pair_output = self.experts(hidden_states[token_idx], top_k_index[token_idx, slot, None],
+                                       top_k_weights[token_idx, slot, None].to(hidden_states.dtype))
             output = torch.zeros_like(hidden_states).index_add(0, token_idx, pair_output)
+        else:
+            output = self.experts(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype))
         routing = SparseMoEVLMRouting(
-            self.layer_idx, self.group, router_logits, routing_weights, token_index, token_mask
+            self.layer_idx, self.group, router_logits, top_k_weights, top_k_index, token_index, token_mask
         )
         return output, routing
 
 
 class SparseMoEVLMSparseMoeBlock(nn.Module):
     """Modality-aware sparse MLP: image tokens go to the image expert group, text tokens to the text expert group
-    (one shared pool when `num_image_experts == 0`); optional shared experts see every token."""
+    (one shared pool when `num_image_experts == 0`); optional shared experts see every token.
+
+    Returns the output and the layer's router logits, one `(batch * seq_len, experts)` row per token from its own
+    group's router (as Ernie 4.5 VL's modality-isolated block does), padded with `-inf` past a smaller group."""
 
     def __init__(self, config: SparseMoEVLMTextConfig, layer_idx: int):
         super().__init__()
@@ -280,29 +482,44 @@ class SparseMoEVLMSparseMoeBlock(nn.Module):
             if config.num_shared_experts > 0
             else None
         )
+        self.num_router_columns = max(config.expert_groups.values())
 
-    def forward(self, hidden_states: torch.Tensor, mm_token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def _pad_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        missing = self.num_router_columns - logits.shape[-1]
+        return F.pad(logits, (0, missing), value=float("-inf")) if missing else logits
+
+    def forward(
+        self, hidden_states: torch.Tensor, mm_token_type_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         batch_size, seq_len, hidden_dim = hidden_states.shape
         flat = hidden_states.reshape(-1, hidden_dim)
         all_tokens = torch.arange(flat.shape[0], device=flat.device)
         if self.image_moe is None or mm_token_type_ids is None:
-            output, _ = self.text_moe(flat, all_tokens)
+            output, routing = self.text_moe(flat, all_tokens)
+            router_logits = self._pad_logits(routing.router_logits)
         else:
             is_image = mm_token_type_ids.reshape(-1).to(flat.device) == 1
             if torch.compiler.is_compiling() and not self.training:
                 # Splitting the tokens by modality gives data-dependent shapes; under torch.compile (e.g. decoding
-                # with a static cache) both groups see every token, the other modality's with zero routing weights.
-                output = self.text_moe(flat, all_tokens, ~is_image)[0] + self.image_moe(flat, all_tokens, is_image)[0]
+                # with a static cache) both groups see every token, the other modality's with no expert.
+                text_output, text_routing = self.text_moe(flat, all_tokens, ~is_image)
+                image_output, image_routing = self.image_moe(flat, all_tokens, is_image)
+                output = text_output + image_output
+                router_logits = torch.where(is_image[:, None], self._pad_logits(image_routing.router_logits),
+                                            self._pad_logits(text_routing.router_logits))
             else:
                 output = torch.zeros_like(flat)
+                router_logits = flat.new_full((flat.shape[0], self.num_router_columns), float("-inf"),
+                                              dtype=torch.float32)
                 for group, token_index in ((self.text_moe, all_tokens[~is_image]),
                                            (self.image_moe, all_tokens[is_image])):
                     if token_index.numel() > 0:
-                        group_output, _ = group(flat[token_index], token_index)
+                        group_output, routing = group(flat[token_index], token_index)
                         output = output.index_copy(0, token_index, group_output.to(output.device))
+                        router_logits[token_index, : routing.num_experts] = routing.router_logits.to(flat.device)
         if self.shared_experts is not None:
             output = output + self.shared_experts(flat).to(output.device)
-        return output.reshape(batch_size, seq_len, hidden_dim)
+        return output.reshape(batch_size, seq_len, hidden_dim), router_logits
 
 
 class SparseMoEVLMDecoderLayer(GradientCheckpointingLayer):
@@ -346,7 +563,7 @@ class SparseMoEVLMDecoderLayer(GradientCheckpointingLayer):
         residual = hidden_states
         hidden_states = self.post_attention_layernorm(hidden_states)
         if self.is_sparse:
-            hidden_states = self.mlp(hidden_states, mm_token_type_ids)
+            hidden_states, _ = self.mlp(hidden_states, mm_token_type_ids)
         else:
             hidden_states = self.mlp(hidden_states)
         return residual + hidden_states
@@ -366,7 +583,8 @@ class SparseMoEVLMPreTrainedModel(PreTrainedModel):
     # Under torch.compile the sparse layers switch to a shape-static dispatch (see SparseMoEVLMSparseMoeBlock).
     _can_compile_fullgraph = True
     _can_record_outputs = {
-        "router_logits": OutputRecorder(SparseMoEVLMExpertGroup, index=1),
+        "router_logits": OutputRecorder(SparseMoEVLMSparseMoeBlock, index=1),
+        "routing": OutputRecorder(SparseMoEVLMExpertGroup, index=1),
         "hidden_states": SparseMoEVLMDecoderLayer,
         "attentions": LlamaAttention,
     }
@@ -405,7 +623,7 @@ class SparseMoEVLMPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
-            if module.router_type == "relu":
+            if module.has_laplace_scale:
                 init.constant_(module.laplace_inv_scale, 1.0 / config.router_laplace_b)
 
 
@@ -440,10 +658,14 @@ class SparseMoEVLMTextModel(SparseMoEVLMPreTrainedModel):
         use_cache: bool | None = None,
         mm_token_type_ids: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> MoeModelOutputWithPast:
+    ) -> SparseMoEVLMTextModelOutputWithPast:
         r"""
         mm_token_type_ids (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
             1 for image tokens (routed to the image experts), 0 for text tokens.
+        output_router_logits (`bool`, *optional*):
+            Return each sparse layer's router logits (`router_logits`).
+        output_routing (`bool`, *optional*):
+            Return the routing records of every (sparse layer, expert group) (`routing`).
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -477,7 +699,7 @@ class SparseMoEVLMTextModel(SparseMoEVLMPreTrainedModel):
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)
-        return MoeModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
+        return SparseMoEVLMTextModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
 
 
 def grid_position_init(num_tokens: int, hidden_size: int, std: float) -> torch.Tensor:
@@ -536,7 +758,12 @@ class SparseMoEVLMModel(SparseMoEVLMPreTrainedModel):
             self.vision_tower.eval()
         return self
 
-    def _run_vision_tower(self, pixel_values: torch.FloatTensor, **kwargs) -> tuple[torch.Tensor, BaseModelOutputWithPooling]:
+    @can_return_tuple
+    def get_image_features(
+        self, pixel_values: torch.FloatTensor, **kwargs: Unpack[TransformersKwargs]
+    ) -> SparseMoEVLMImageFeaturesOutput:
+        """Run the vision tower and the projector. `pooler_output` holds the projected features,
+        `(num_images, image_seq_length, hidden_size)`; `vision_tokens` the tower features they come from."""
         if pixel_values.ndim != 4:
             raise ValueError(
                 f"`pixel_values` must have shape (num_images, channels, height, width), got {tuple(pixel_values.shape)}."
@@ -552,29 +779,18 @@ class SparseMoEVLMModel(SparseMoEVLMPreTrainedModel):
             **kwargs,
         )
         features = image_outputs.hidden_states[self.config.vision_feature_layer]
-        if not output_hidden_states:
-            image_outputs.hidden_states = None
         if features.ndim == 4:  # convolutional feature map (N, C, H, W): one token per pixel
             features = features.flatten(2).transpose(1, 2)
         elif self.config.vision_feature_select_strategy == "default":
             # Keep the patch tokens only: drop the class (and register) tokens in front of them.
             features = features[:, features.shape[1] - self.config.image_seq_length :]
-        return features, image_outputs
-
-    def get_vision_tokens(self, pixel_values: torch.FloatTensor) -> torch.Tensor:
-        """The vision tower's features that become image tokens, before the projector:
-        `(num_images, image_seq_length, vision_feature_size)`, one row per grid cell, row by row."""
-        return self._run_vision_tower(pixel_values)[0]
-
-    @can_return_tuple
-    def get_image_features(
-        self, pixel_values: torch.FloatTensor, **kwargs: Unpack[TransformersKwargs]
-    ) -> BaseModelOutputWithPooling:
-        """Run the vision tower and the projector. `pooler_output` holds the projected features,
-        `(num_images, image_seq_length, hidden_size)`."""
-        features, image_outputs = self._run_vision_tower(pixel_values, **kwargs)
-        image_outputs.pooler_output = self.multi_modal_projector(features)
-        return image_outputs
+        return SparseMoEVLMImageFeaturesOutput(
+            last_hidden_state=image_outputs.last_hidden_state,
+            pooler_output=self.multi_modal_projector(features),
+            hidden_states=image_outputs.hidden_states if output_hidden_states else None,
+            attentions=getattr(image_outputs, "attentions", None),
+            vision_tokens=features,
+        )
 
     def get_placeholder_mask(
         self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, image_features: torch.Tensor
@@ -660,6 +876,7 @@ class SparseMoEVLMModel(SparseMoEVLMPreTrainedModel):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
+            routing=outputs.routing,
             image_outputs=image_outputs,
             image_hidden_states=image_features,
         )
@@ -683,7 +900,7 @@ def router_losses(
     load: dict[str, list[torch.Tensor]] = {}
     experts_per_token: dict[str, list[torch.Tensor]] = {}
     for routing in routings:
-        logits, weights = routing.router_logits, routing.routing_weights
+        logits = routing.router_logits
         if token_mask is None:
             group_mask = torch.ones(logits.shape[0], device=logits.device)
         else:
@@ -691,8 +908,8 @@ def router_losses(
         if routing.token_mask is not None:
             group_mask = group_mask * routing.token_mask.to(logits.device)
         n_tokens = group_mask.sum()
-        active = (weights > 0).float() * group_mask[:, None]
-        num_experts = logits.shape[-1]
+        active = routing.expert_mask.float() * group_mask[:, None]
+        num_experts = routing.num_experts
         load.setdefault(routing.group, []).append(active.sum(0).detach())
         experts_per_token.setdefault(routing.group, []).append((active.sum() / n_tokens.clamp(min=1)).detach())
         if n_tokens == 0:
@@ -704,7 +921,7 @@ def router_losses(
         z.append(((torch.logsumexp(logits, dim=-1) ** 2 * group_mask).sum() / n_tokens).to(device))
         scale = laplace_inv_scales.get((routing.layer_idx, routing.group))
         if scale is not None:
-            l1.append((scale.to(device) * (weights.sum(-1) * group_mask).sum() / n_tokens).to(device))
+            l1.append((scale.to(device) * (routing.top_k_weights.sum(-1) * group_mask).sum() / n_tokens).to(device))
     zero = torch.zeros((), device=device)
     aux_loss = torch.stack(balance).mean() if balance else zero
     z_loss = torch.stack(z).mean() if z else zero
@@ -743,20 +960,30 @@ class SparseMoEVLMForConditionalGeneration(SparseMoEVLMPreTrainedModel, Generati
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
-    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
+    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> SparseMoEVLMImageFeaturesOutput:
         return self.model.get_image_features(pixel_values, **kwargs)
 
-    def get_vision_tokens(self, pixel_values: torch.FloatTensor) -> torch.Tensor:
-        return self.model.get_vision_tokens(pixel_values)
+    def routers(self) -> dict[tuple[int, str], SparseMoEVLMRouter]:
+        """Every router, keyed by (sparse layer index, group)."""
+        return {(module.layer_idx, module.group): module.router for module in self.modules()
+                if isinstance(module, SparseMoEVLMExpertGroup)}
 
-    def _routers(self) -> dict[tuple[int, str], SparseMoEVLMRouter]:
-        routers = {}
-        for layer in self.model.language_model.layers:
-            if layer.is_sparse:
-                for group in (layer.mlp.text_moe, layer.mlp.image_moe):
-                    if group is not None:
-                        routers[(group.layer_idx, group.group)] = group.router
-        return routers
+    def adapt_laplace_scales(self) -> None:
+        """Adapt each ReLU router's L1 coefficient toward `router_target_active_experts` from the training forwards
+        since the last call: call it once per optimizer step (`LaplaceScaleCallback` does under `Trainer`). Under
+        `torch.distributed` the counts are summed over processes first, so every process applies the same factor."""
+        routers = [router for router in self.routers().values() if router.has_laplace_scale]
+        if not routers or self.config.text_config.router_target_active_experts is None:
+            return
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            device = routers[0].laplace_inv_scale.device
+            counts = torch.stack([r.observed.to(device) if r.observed is not None else torch.zeros(2, device=device)
+                                  for r in routers])
+            torch.distributed.all_reduce(counts)
+            for router, observed in zip(routers, counts, strict=True):
+                router.observed = observed
+        for router in routers:
+            router.adapt_laplace_scale()
 
     def prepare_inputs_for_generation(
         self, input_ids: torch.LongTensor, *args, mm_token_type_ids: torch.Tensor | None = None, **kwargs
@@ -767,23 +994,6 @@ class SparseMoEVLMForConditionalGeneration(SparseMoEVLMPreTrainedModel, Generati
             missing = input_ids.shape[-1] - mm_token_type_ids.shape[-1]
             mm_token_type_ids = torch.cat([mm_token_type_ids, mm_token_type_ids.new_zeros(input_ids.shape[0], missing)], -1)
         return super().prepare_inputs_for_generation(input_ids, *args, mm_token_type_ids=mm_token_type_ids, **kwargs)
-
-    @torch.no_grad()
-    def _adapt_laplace_scales(self, routings, token_mask: torch.Tensor | None) -> None:
-        """Move each ReLU router's L1 coefficient toward `router_target_active_experts` active experts per token."""
-        text_config = self.config.text_config
-        routers = self._routers()
-        for routing in routings:
-            weights = routing.routing_weights
-            if token_mask is not None:
-                weights = weights[token_mask.to(weights.device)[routing.token_index.to(weights.device)].bool()]
-            if weights.shape[0] == 0:
-                continue
-            active = (weights > 0).sum(-1).float().mean()
-            router = routers[(routing.layer_idx, routing.group)]
-            rate = text_config.router_laplace_adapt_rate
-            factor = rate if active > text_config.router_target_active_experts else 1.0 / rate
-            router.laplace_inv_scale.mul_(factor)
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
@@ -799,6 +1009,7 @@ class SparseMoEVLMForConditionalGeneration(SparseMoEVLMPreTrainedModel, Generati
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
+        output_routing: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Unpack[TransformersKwargs],
     ) -> SparseMoEVLMCausalLMOutputWithPast:
@@ -808,7 +1019,9 @@ class SparseMoEVLMForConditionalGeneration(SparseMoEVLMPreTrainedModel, Generati
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Next-token labels (-100 is ignored). When given, the router losses are added to `loss`.
         output_router_logits (`bool`, *optional*):
-            Return the routing records (`router_logits`) and the router losses.
+            Return each sparse layer's router logits (`router_logits`) and the router losses.
+        output_routing (`bool`, *optional*):
+            Return the routing records of every (sparse layer, expert group) (`routing`) and the router losses.
 
         Example:
 
@@ -832,7 +1045,7 @@ class SparseMoEVLMForConditionalGeneration(SparseMoEVLMPreTrainedModel, Generati
         if output_router_logits is None:
             output_router_logits = text_config.output_router_logits
         # Routing is always recorded when training (labels given): the router losses need it.
-        record_routing = bool(output_router_logits) or labels is not None
+        record_routing = bool(output_router_logits) or bool(output_routing) or labels is not None
 
         outputs = self.model(
             input_ids=input_ids,
@@ -843,7 +1056,8 @@ class SparseMoEVLMForConditionalGeneration(SparseMoEVLMPreTrainedModel, Generati
             inputs_embeds=inputs_embeds,
             mm_token_type_ids=mm_token_type_ids,
             use_cache=use_cache,
-            output_router_logits=record_routing,
+            output_router_logits=bool(output_router_logits),
+            output_routing=record_routing,
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
@@ -857,15 +1071,15 @@ class SparseMoEVLMForConditionalGeneration(SparseMoEVLMPreTrainedModel, Generati
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=text_config.vocab_size, **kwargs)
 
         aux_loss = z_loss = l1_loss = routing_stats = None
-        if record_routing and outputs.router_logits:
-            routers = self._routers()
-            inv_scales = {key: r.laplace_inv_scale for key, r in routers.items() if r.router_type == "relu"}
+        if record_routing and outputs.routing:
+            routers = self.routers()
+            inv_scales = {key: r.laplace_inv_scale for key, r in routers.items() if r.has_laplace_scale}
             token_mask = None
             if attention_mask is not None and attention_mask.ndim == 2:
                 # With a cache the mask also covers past tokens: keep the positions of this forward.
                 token_mask = attention_mask[:, -outputs.last_hidden_state.shape[1] :].reshape(-1)
             aux_loss, z_loss, l1_loss, routing_stats = router_losses(
-                outputs.router_logits, token_mask, inv_scales, len(text_config.sparse_layer_indices)
+                outputs.routing, token_mask, inv_scales, len(text_config.sparse_layer_indices)
             )
             if labels is not None:
                 router_loss = text_config.router_aux_loss_coef * aux_loss + text_config.router_z_loss_coef * z_loss
@@ -873,7 +1087,9 @@ class SparseMoEVLMForConditionalGeneration(SparseMoEVLMPreTrainedModel, Generati
                     router_loss = router_loss + text_config.router_l1_loss_coef * l1_loss
                 loss = loss + router_loss.to(loss.device)
                 if self.training and inv_scales and text_config.router_target_active_experts is not None:
-                    self._adapt_laplace_scales(outputs.router_logits, token_mask)
+                    # Counted here, adapted once per optimizer step by `adapt_laplace_scales`.
+                    for routing in outputs.routing:
+                        routers[(routing.layer_idx, routing.group)].observe(routing, token_mask)
 
         return SparseMoEVLMCausalLMOutputWithPast(
             loss=loss,
@@ -885,18 +1101,27 @@ class SparseMoEVLMForConditionalGeneration(SparseMoEVLMPreTrainedModel, Generati
             aux_loss=aux_loss,
             z_loss=z_loss,
             l1_loss=l1_loss,
-            router_logits=outputs.router_logits if output_router_logits else None,
+            router_logits=outputs.router_logits,
+            routing=outputs.routing if output_routing else None,
             routing_stats=routing_stats,
             image_hidden_states=outputs.image_hidden_states,
         )
 
 
 __all__ = [
-    "SparseMoEVLMForConditionalGeneration",
-    "SparseMoEVLMModel",
-    "SparseMoEVLMPreTrainedModel",
-    "SparseMoEVLMTextModel",
-    "SparseMoEVLMRouting",
+    "ROUTER_CLASSES",
     "SparseMoEVLMCausalLMOutputWithPast",
+    "SparseMoEVLMForConditionalGeneration",
+    "SparseMoEVLMImageFeaturesOutput",
+    "SparseMoEVLMModel",
+    "SparseMoEVLMModelOutputWithPast",
+    "SparseMoEVLMPreTrainedModel",
+    "SparseMoEVLMReLURouter",
+    "SparseMoEVLMRouter",
+    "SparseMoEVLMRouting",
+    "SparseMoEVLMTextModel",
+    "SparseMoEVLMTextModelOutputWithPast",
+    "SparseMoEVLMTopKRouter",
+    "SparseMoEVLMTopPRouter",
     "router_losses",
 ]

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from PIL import Image, ImageDraw
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.integrations import TensorBoardCallback
 
 from .configuration_sparsemoe_vlm import SparseMoEVLMConfig
@@ -129,8 +129,8 @@ def pretrain_vision_tower(model, image_processor, batches, num_labels: int, lear
     """Stage 0: pretrain the vision tower on per-patch labels before the VLM trains, the role a pretrained encoder
     (CLIP, SigLIP) plays in LLaVA-style models when no pretrained weights can be used.
 
-    A temporary linear head classifies every image token's features (`get_vision_tokens`, before the projector)
-    into one of `num_labels` classes with cross-entropy; the head is discarded afterwards. `batches` yields
+    A temporary linear head classifies every image token's features (`get_image_features(...).vision_tokens`, before
+    the projector) into one of `num_labels` classes with cross-entropy; the head is discarded afterwards. `batches` yields
     `(images, labels)`: a list of images and, per image, `image_seq_length` integer labels in the order of the image
     tokens (row by row; -100 ignores a cell), e.g. `synthetic_shapes.patch_label_batches`. Returns the loss of
     every step. Image tokens that each carry their own object's identity let the decoder bind question words to the
@@ -164,7 +164,7 @@ def pretrain_vision_tower(model, image_processor, batches, num_labels: int, lear
             raise ValueError(f"Patch labels must be in [0, {num_labels}) (or -100 to ignore a cell); got values in "
                              f"[{labels.min().item()}, {labels.max().item()}].")
         pixel_values = image_processor(images, return_tensors="pt")["pixel_values"].to(model.device)
-        tokens = base.get_vision_tokens(pixel_values).float()
+        tokens = base.get_image_features(pixel_values).vision_tokens.float()
         logits = head(tokens)
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, num_labels), labels.flatten())
         if rest and rest[0] is not None:
@@ -377,6 +377,16 @@ def evaluate_answers(model, collator: VLMDataCollator, rows, *, image_first: tup
     return metrics, answers
 
 
+# The routing-health figures logged next to the loss (and saved in `log_history.json`, which the model card reads):
+# `routing/<group>/<statistic>` for each statistic below, plus `routing/<loss>` for the router losses.
+ROUTING_STATISTICS = ("experts_per_token", "load_entropy", "max_expert_load", "dead_experts")
+ROUTING_LOG_PREFIX = "routing/"
+
+
+def routing_log_key(group: str, statistic: str) -> str:
+    return f"{ROUTING_LOG_PREFIX}{group}/{statistic}"
+
+
 def routing_health(stats: dict[str, torch.Tensor]) -> dict[str, float]:
     """Scalar routing-health figures from `routing_stats`: per group, average experts per token, normalised
     entropy of the expert load (1 = perfectly balanced), the busiest expert's load share and the number of
@@ -385,15 +395,35 @@ def routing_health(stats: dict[str, torch.Tensor]) -> dict[str, float]:
     for key, value in stats.items():
         group, name = key.split("/")
         if name == "experts_per_token":
-            health[f"routing/{group}/experts_per_token"] = float(value)
+            health[routing_log_key(group, "experts_per_token")] = float(value)
         elif name == "expert_load":
             load = value.float().clamp(min=1e-12)
             entropy = -(load * load.log()).sum(-1) / math.log(load.shape[-1])
-            health[f"routing/{group}/load_entropy"] = float(entropy.mean())
-            health[f"routing/{group}/max_expert_load"] = float(value.max())
+            health[routing_log_key(group, "load_entropy")] = float(entropy.mean())
+            health[routing_log_key(group, "max_expert_load")] = float(value.max())
         elif name == "tokens_per_expert":
-            health[f"routing/{group}/dead_experts"] = float((value == 0).sum())
+            health[routing_log_key(group, "dead_experts")] = float((value == 0).sum())
     return health
+
+
+class LaplaceScaleCallback(TrainerCallback):
+    """Adapts the ReLU routers' L1 (Laplace prior) coefficients toward `router_target_active_experts` once per
+    optimizer step, from the active experts counted in that step's training forwards (whatever the gradient
+    accumulation). `SparseMoEVLMTrainer` and `SparseMoEVLMSFTTrainer` add it themselves; add it to a plain
+    `Trainer` with `callbacks=[LaplaceScaleCallback()]`."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        # The Trainer may hand over a wrapper (PEFT): adapt the SparseMoE-VLM model inside it.
+        target = next((m for m in model.modules() if hasattr(m, "adapt_laplace_scales")), None) if model else None
+        if target is not None:
+            target.adapt_laplace_scales()
+
+
+def add_laplace_scale_callback(trainer: Trainer) -> None:
+    """Add `LaplaceScaleCallback` to a trainer unless it has one, first in line, so that the callbacks after it
+    (logging, the user's) see the coefficients of the step that just ended."""
+    if not any(isinstance(c, LaplaceScaleCallback) for c in trainer.callback_handler.callbacks):
+        trainer.callback_handler.callbacks.insert(0, LaplaceScaleCallback())
 
 
 class _UniqueFileTensorBoardCallback(TensorBoardCallback):
@@ -426,6 +456,7 @@ class SparseMoEVLMTrainer(Trainer):
                 replacement = _UniqueFileTensorBoardCallback()
                 replacement.logging_dir = callback.logging_dir
                 callbacks[index] = replacement
+        add_laplace_scale_callback(self)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
@@ -433,7 +464,7 @@ class SparseMoEVLMTrainer(Trainer):
             for name in ("aux_loss", "z_loss", "l1_loss"):
                 value = getattr(outputs, name, None)
                 if value is not None:
-                    self._routing_sums[f"routing/{name}"] += float(value.detach())
+                    self._routing_sums[f"{ROUTING_LOG_PREFIX}{name}"] += float(value.detach())
             for key, value in routing_health(outputs.routing_stats).items():
                 self._routing_sums[key] += value
             for key, value in outputs.routing_stats.items():

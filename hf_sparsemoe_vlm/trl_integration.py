@@ -14,7 +14,7 @@ datasets with `completion_only_loss`, PEFT, `SFTConfig`); two things change:
   unless the aux loss is switched off with `router_aux_loss_coef=0.0`, and even then it trains without the router
   losses. Here the loss is the model's forward with labels: token cross-entropy + `router_aux_loss_coef` x the
   per-modality load-balancing loss + `router_z_loss_coef` x z-loss (+ the L1 term of ReLU routers, whose coefficients
-  adapt as in `Trainer`). `SFTConfig(router_aux_loss_coef=...)` still sets the aux coefficient (TRL writes it into
+  adapt once per optimizer step through `LaplaceScaleCallback`, as in `SparseMoEVLMTrainer`). `SFTConfig(router_aux_loss_coef=...)` still sets the aux coefficient (TRL writes it into
   the text config, which the forward reads); `aux_loss`, `z_loss` (and `l1_loss`) are logged next to TRL's
   `entropy`, `mean_token_accuracy` and `num_tokens`.
 - **Image tokens are never labels.** TRL's vision collator copies `input_ids` into `labels` without masking image
@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig
 from trl import SFTTrainer
+
+from .training import add_laplace_scale_callback
 
 
 @dataclass
@@ -61,12 +63,13 @@ class SparseMoEVLMSFTTrainer(SFTTrainer):
                 f"{type(self).__name__} trains on the model's own loss (cross-entropy + router losses): "
                 "`loss_type` must be 'nll', with no `label_smoothing_factor` and no `compute_loss_func`."
             )
-        # TRL turns `output_router_logits` on for its fused head; the model's forward records routing whenever labels
-        # are given, so the config keeps the user's value (and generation does not return router records).
+        # TRL turns `output_router_logits` on for its fused head; the model's forward computes the router losses
+        # whenever labels are given, so the config keeps the user's value (and generation does not return logits).
         text_config = self.model.config.get_text_config()
         if output_router_logits is not None:
             text_config.output_router_logits = output_router_logits
         self.data_collator = IgnoreImageTokenLabels(self.data_collator, self.model.config.image_token_id)
+        add_laplace_scale_callback(self)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"

@@ -21,7 +21,7 @@ import torch
 from transformers import PreTrainedConfig
 
 from .configuration_sparsemoe_vlm import SparseMoEVLMConfig, SparseMoEVLMTextConfig
-from .modeling_sparsemoe_vlm import SparseMoEVLMForConditionalGeneration
+from .modeling_sparsemoe_vlm import ROUTER_CLASSES, SparseMoEVLMForConditionalGeneration
 
 
 SUPPORTED_TEXT_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -72,7 +72,10 @@ def sparse_text_config_from_dense(
     if model_type not in SUPPORTED_TEXT_MODEL_TYPES:
         raise ValueError(f"Cannot upcycle a {model_type!r} language model: supported decoders are "
                          f"{SUPPORTED_TEXT_MODEL_TYPES} (Llama-family attention and SwiGLU MLPs).")
-    if router_settings.get("norm_topk_prob") is False and router_type != "relu":
+    if router_type not in ROUTER_CLASSES:
+        raise ValueError(f"Unknown router_type {router_type!r}; available: {sorted(ROUTER_CLASSES)}.")
+    router_class = ROUTER_CLASSES[router_type]
+    if router_settings.get("norm_topk_prob") is False and router_class.normalises_weights:
         raise ValueError("Upcycling needs `norm_topk_prob=True`: with copied experts, only routing weights that sum "
                          "to one keep the dense model's outputs.")
     fields = {name: getattr(dense_config, name) for name in _COPIED_TEXT_FIELDS if hasattr(dense_config, name)}
@@ -94,7 +97,7 @@ def sparse_text_config_from_dense(
         num_shared_experts=num_shared_experts,
         num_experts_per_tok=num_experts_per_tok,
         router_type=router_type,
-        router_bias=router_type == "relu" or router_settings.pop("router_bias", False),
+        router_bias=router_class.upcycling_needs_bias or router_settings.pop("router_bias", False),
         **router_settings,
     )
 
@@ -158,15 +161,9 @@ def upcycle_decoder_state_dict(
                                                                             noise_std, generator)
             state[group_prefix + "experts.down_proj"] = _perturbed_copies(down * share_routed, num_experts,
                                                                          noise_std, generator)
-            router = torch.empty(num_experts, text_config.hidden_size, dtype=gate.dtype)
-            if text_config.router_type == "relu":
-                router.zero_()  # gates = relu(bias) = 1/E for every token: all experts open, summing to one
-                state[group_prefix + "router.bias"] = torch.full((num_experts,), 1.0 / num_experts, dtype=gate.dtype)
-            else:
-                router.normal_(0.0, text_config.initializer_range, generator=generator)
-                if text_config.router_bias:
-                    state[group_prefix + "router.bias"] = torch.zeros(num_experts, dtype=gate.dtype)
-            state[group_prefix + "router.weight"] = router
+            router_class = ROUTER_CLASSES[text_config.router_type]
+            for name, tensor in router_class.upcycled_state(text_config, num_experts, gate.dtype, generator).items():
+                state[f"{group_prefix}router.{name}"] = tensor
         if text_config.num_shared_experts:
             copies = text_config.num_shared_experts
             state[f"{prefix}mlp.shared_experts.gate_proj.weight"] = torch.cat([gate] * copies, 0)
@@ -235,7 +232,7 @@ def upcycle_llava(
 def _laplace_defaults(config: SparseMoEVLMConfig) -> dict[str, torch.Tensor]:
     """The ReLU routers' Laplace coefficient buffers at their configured start value."""
     text_config = config.text_config
-    if text_config.router_type != "relu":
+    if not ROUTER_CLASSES[text_config.router_type].has_laplace_scale:
         return {}
     value = torch.tensor(1.0 / text_config.router_laplace_b)
     return {f"model.language_model.layers.{i}.mlp.{group}_moe.router.laplace_inv_scale": value.clone()
@@ -292,7 +289,7 @@ def add_upcycling_arguments(parser) -> None:
                        help="Image experts per sparse layer; 0 = one pool for all tokens (default 4).")
     group.add_argument("--num_shared_experts", type=int, default=0, help="Always-on shared experts (default 0).")
     group.add_argument("--num_experts_per_tok", type=int, default=2, help="Top-k of the topk router (default 2).")
-    group.add_argument("--router_type", choices=("topk", "top_p", "relu"), default="topk")
+    group.add_argument("--router_type", choices=tuple(ROUTER_CLASSES), default="topk")
     group.add_argument("--router_top_p", type=float, default=0.5, help="Mass threshold of the top_p router.")
     group.add_argument("--noise_std", type=float, default=0.0,
                        help="Relative Gaussian noise on each expert copy (0 = exact copies, the converted model then "
@@ -305,11 +302,9 @@ def add_upcycling_arguments(parser) -> None:
 
 def upcycling_options(args) -> dict:
     """The keyword arguments of `upcycle_llava` / `sparse_text_config_from_dense` from parsed arguments."""
-    options = {name: getattr(args, name) for name in ("sparse_layers", "num_experts", "num_image_experts",
-                                                       "num_shared_experts", "num_experts_per_tok", "router_type")}
-    if args.router_type == "top_p":
-        options["router_top_p"] = args.router_top_p
-    return options
+    return {name: getattr(args, name) for name in ("sparse_layers", "num_experts", "num_image_experts",
+                                                   "num_shared_experts", "num_experts_per_tok", "router_type",
+                                                   "router_top_p")}
 
 
 def shard_size(value: str) -> str | int:
@@ -414,8 +409,7 @@ def parameter_summary(model: SparseMoEVLMForConditionalGeneration, title: str, r
              ("sparse layers", f"{len(text_config.sparse_layer_indices)} of {text_config.num_hidden_layers}: "
                                f"{text_config.sparse_layer_indices}"),
              ("experts per sparse layer", f"{groups} routed, {text_config.num_shared_experts} shared"),
-             ("router", f"{text_config.router_type}, {text_config.num_experts_per_tok} per token"
-                        if text_config.router_type == "topk" else text_config.router_type),
+             ("router", ROUTER_CLASSES[text_config.router_type].describe(text_config)),
              *rows]
     width = max(len(name) for name, _ in table)
     return "\n".join([title, "-" * len(title)] + [f"{name.ljust(width)}  {value}" for name, value in table])

@@ -175,11 +175,13 @@ def test_shape_static_dispatch_computes_what_the_split_dispatch_computes(monkeyp
     modality) gives the same logits and router losses as splitting tokens by modality."""
     model = make_model(router_type=router_type, num_shared_experts=1)
     inputs = make_inputs(model.config, left_pad=[2, 0])
-    split = model(**inputs, labels=inputs["input_ids"], output_router_logits=True)
+    split = model(**inputs, labels=inputs["input_ids"], output_routing=True, output_router_logits=True)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    static = model(**inputs, labels=inputs["input_ids"], output_router_logits=True)
-    assert all(record.token_mask is not None for record in static.router_logits)
+    static = model(**inputs, labels=inputs["input_ids"], output_routing=True, output_router_logits=True)
+    assert all(record.token_mask is not None for record in static.routing)
     torch.testing.assert_close(static.logits, split.logits, rtol=0, atol=1e-5)
+    for static_logits, split_logits in zip(static.router_logits, split.router_logits, strict=True):
+        torch.testing.assert_close(static_logits, split_logits, rtol=0, atol=1e-5)
     for name in ("loss", "aux_loss", "z_loss"):
         torch.testing.assert_close(getattr(static, name), getattr(split, name), rtol=1e-6, atol=1e-6)
     for key, value in split.routing_stats.items():

@@ -125,7 +125,7 @@ def test_upcycling_copies_weights_and_routes_every_token():
     # text group, each to 2 experts whose weights sum to one (the dense MLP's output, up to the noise).
     inputs = verification_inputs(model.config)
     with torch.no_grad():
-        records = model(**inputs, output_router_logits=True).router_logits
+        records = model(**inputs, output_routing=True).routing
     is_image = (inputs["input_ids"] == model.config.image_token_id).flatten()
     assert sorted((r.layer_idx, r.group) for r in records) == [(0, "image"), (0, "text"), (2, "image"), (2, "text")]
     for record in records:

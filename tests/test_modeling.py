@@ -78,14 +78,14 @@ def test_image_tokens_are_routed_only_to_image_experts():
         for name, module in model.named_modules() if name.endswith(("text_moe.experts", "image_moe.experts",
                                                                      "shared_experts"))
     ]
-    out = model(**inputs, output_router_logits=True)
+    out = model(**inputs, output_routing=True)
     for hook in hooks:
         hook.remove()
     n_tokens = inputs["input_ids"].numel()
     n_image = int((inputs["input_ids"] == IMAGE_TOKEN_ID).sum())
     flat_is_image = (inputs["input_ids"] == IMAGE_TOKEN_ID).reshape(-1)
-    assert len(out.router_logits) == 4  # 2 sparse layers x 2 groups
-    for routing in out.router_logits:
+    assert len(out.routing) == 4  # 2 sparse layers x 2 groups
+    for routing in out.routing:
         assert isinstance(routing, SparseMoEVLMRouting)
         expected = flat_is_image.nonzero()[:, 0] if routing.group == "image" else (~flat_is_image).nonzero()[:, 0]
         assert torch.equal(routing.token_index, expected)
@@ -97,12 +97,39 @@ def test_image_tokens_are_routed_only_to_image_experts():
         assert seen[f"model.language_model.layers.{layer}.mlp.shared_experts"] == n_tokens
 
 
+def test_router_logits_are_one_tensor_per_sparse_layer_as_in_transformers_moe_models():
+    """`router_logits`: (batch * seq_len, experts) float tensors, each token's row from its own group's router; the
+    image group has 2 experts and the text group 4, so image rows end in -inf (experts that do not exist for them)."""
+    model = make_model(mlp_layer_types=["dense", "sparse"])
+    inputs = make_inputs(model.config)
+    out = model(**inputs, output_router_logits=True, output_routing=True)
+    assert len(out.router_logits) == 1 and len(out.routing) == 2
+    logits = out.router_logits[0]
+    assert logits.shape == (inputs["input_ids"].numel(), 4) and logits.dtype == torch.float32
+    for routing in out.routing:
+        rows = logits[routing.token_index]
+        torch.testing.assert_close(rows[:, : routing.num_experts], routing.router_logits, rtol=0, atol=0)
+        assert torch.isneginf(rows[:, routing.num_experts:]).all()
+    assert model(**inputs).router_logits is None  # only when asked (or `config.text_config.output_router_logits`)
+    assert model(**inputs, output_router_logits=True).routing is None
+
+
+def test_routing_is_decided_in_float32_under_bf16_autocast():
+    model = make_model()
+    inputs = make_inputs(model.config)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**inputs, output_router_logits=True, output_routing=True)
+    assert out.logits.dtype == torch.bfloat16  # the rest runs in bf16
+    assert all(logits.dtype == torch.float32 for logits in out.router_logits)
+    assert all(r.router_logits.dtype == r.top_k_weights.dtype == torch.float32 for r in out.routing)
+
+
 def test_single_pool_serves_every_token_when_there_is_no_image_group():
     model = make_model(num_image_experts=0)
     inputs = make_inputs(model.config)
-    out = model(**inputs, output_router_logits=True)
-    assert [r.group for r in out.router_logits] == ["text", "text"]
-    assert all(r.token_index.numel() == inputs["input_ids"].numel() for r in out.router_logits)
+    out = model(**inputs, output_routing=True)
+    assert [r.group for r in out.routing] == ["text", "text"]
+    assert all(r.token_index.numel() == inputs["input_ids"].numel() for r in out.routing)
     assert model.model.language_model.layers[0].mlp.image_moe is None
 
 
@@ -192,9 +219,9 @@ def test_top_p_takes_the_fewest_experts_reaching_the_mass():
                        router_max_experts_per_tok=6)
     _sharpen_routers(model, scale=3.0)
     inputs = make_inputs(model.config, text_len=30)
-    out = model(**inputs, output_router_logits=True)
+    out = model(**inputs, output_routing=True)
     counts = []
-    for routing in out.router_logits:
+    for routing in out.routing:
         probs = routing.router_logits.softmax(-1)
         sorted_probs, _ = probs.sort(-1, descending=True)
         needed = (sorted_probs.cumsum(-1) < 0.6).sum(-1) + 1  # fewest experts whose mass reaches 0.6
@@ -204,7 +231,7 @@ def test_top_p_takes_the_fewest_experts_reaching_the_mass():
         counts.append(active)
     counts = torch.cat(counts)
     assert counts.min() < counts.max(), "the number of experts should vary per token"
-    per_token = torch.cat([(r.routing_weights > 0).sum(-1).float() for r in out.router_logits if r.group == "text"])
+    per_token = torch.cat([(r.routing_weights > 0).sum(-1).float() for r in out.routing if r.group == "text"])
     torch.testing.assert_close(out.routing_stats["text/experts_per_token"], per_token.mean())
 
 
@@ -212,15 +239,15 @@ def test_relu_router_switches_experts_off_per_token():
     model = make_model(router_type="relu", num_experts=8, num_image_experts=8)
     _sharpen_routers(model, scale=3.0)
     inputs = make_inputs(model.config, text_len=30)
-    out = model(**inputs, output_router_logits=True)
+    out = model(**inputs, output_routing=True)
     active = []
-    for routing in out.router_logits:
+    for routing in out.routing:
         torch.testing.assert_close(routing.routing_weights, F.relu(routing.router_logits))
         active.append((routing.routing_weights > 0).sum(-1))
     active = torch.cat(active)
     assert active.min() < active.max()
     # L1 = (1/b) * mean over tokens of the summed gates, averaged over routing records.
-    expected = torch.stack([r.routing_weights.sum(-1).mean() for r in out.router_logits]).mean()
+    expected = torch.stack([r.routing_weights.sum(-1).mean() for r in out.routing]).mean()
     torch.testing.assert_close(out.l1_loss, expected)
 
 
@@ -259,12 +286,37 @@ def test_laplace_coefficient_adapts_toward_target_active_experts(target, grows):
     assert router.laplace_inv_scale.item() == pytest.approx(0.5)
     inputs = make_inputs(model.config)
     model(**inputs, labels=inputs["input_ids"])
+    assert router.laplace_inv_scale.item() == pytest.approx(0.5)  # a forward only counts; the step adapts
+    model.adapt_laplace_scales()
     # At init about half of the 4 experts are active: above a target of 1, below a target of 8.
+    assert router.laplace_inv_scale.item() == pytest.approx(0.75 if grows else 0.5 / 1.5)
+    model.adapt_laplace_scales()  # nothing observed since the last step: unchanged
     assert router.laplace_inv_scale.item() == pytest.approx(0.75 if grows else 0.5 / 1.5)
     model.eval()
     model(**inputs, labels=inputs["input_ids"])
+    assert router.observed is None  # an eval forward with labels leaves the model as it was
+    model.adapt_laplace_scales()
     assert router.laplace_inv_scale.item() == pytest.approx(0.75 if grows else 0.5 / 1.5)  # frozen in eval
     assert "model.language_model.layers.0.mlp.text_moe.router.laplace_inv_scale" in model.state_dict()
+
+
+def test_laplace_adaptation_counts_the_same_over_micro_batches_as_over_one_batch():
+    """Two micro-batches of 2 then one step == one batch of 4 then one step: the counts are pooled over tokens."""
+    model = make_model(router_type="relu", router_target_active_experts=1.7, num_experts=8, num_image_experts=8)
+    _sharpen_routers(model, scale=3.0)
+    model.train()
+    inputs = make_inputs(model.config, batch_size=4, left_pad=[0, 2, 1, 3])
+    labels = inputs["input_ids"]
+    routers = list(model.routers().values())
+    model(**inputs, labels=labels)
+    whole = [r.observed.clone() for r in routers]
+    for r in routers:
+        r.observed = None
+    for rows in (slice(0, 2), slice(2, 4)):
+        model(**{k: v[rows] for k, v in inputs.items()}, labels=labels[rows])
+    for router, expected in zip(routers, whole, strict=True):
+        torch.testing.assert_close(router.observed, expected, rtol=0, atol=0)  # (active pairs, real tokens)
+    assert whole[0][1] == inputs["attention_mask"].sum() - (inputs["input_ids"] == IMAGE_TOKEN_ID).sum()
 
 
 @pytest.mark.parametrize("router_type", ROUTER_TYPES)
@@ -306,8 +358,8 @@ def test_sdpa_and_eager_attention_agree():
 def test_dense_layers_have_a_plain_mlp_and_no_router():
     model = make_model(mlp_layer_types=["dense", "sparse"])
     inputs = make_inputs(model.config)
-    out = model(**inputs, output_router_logits=True)
-    assert {r.layer_idx for r in out.router_logits} == {1}
+    out = model(**inputs, output_routing=True)
+    assert {r.layer_idx for r in out.routing} == {1}
     assert not hasattr(model.model.language_model.layers[0].mlp, "text_moe")
     assert out.routing_stats["text/tokens_per_expert"].shape == (1, 4)
 

@@ -127,20 +127,28 @@ def test_image_tokens_are_not_labels_in_language_modeling_batches(tmp_path):
     assert torch.equal(batch["labels"][text], batch["input_ids"][text])  # the rest of the chat is learned
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError,
-                   reason="TRL 1.16's fused LM head recomputes a Mixtral load-balancing loss from the backbone's "
-                          "`router_logits`, expected as (batch * seq_len, num_experts) tensors; this model records "
-                          "per-group `SparseMoEVLMRouting` objects. Use SparseMoEVLMSFTTrainer.")
 def test_stock_sft_trainer_with_the_router_aux_loss(tmp_path):
+    """Stock `SFTTrainer` trains with its own aux loss: TRL's fused LM head runs the backbone and computes Mixtral's
+    load-balancing loss from `router_logits`, one (batch * seq_len, experts) tensor per sparse layer."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
     processor, model = make_processor_and_model()
-    trainer = SFTTrainer(model=model, args=sft_config(tmp_path, max_steps=1, assistant_only_loss=True),
+    text_config = model.config.text_config
+    trainer = SFTTrainer(model=model, args=sft_config(tmp_path, max_steps=1, assistant_only_loss=True,
+                                                      learning_rate=0.0, train_sampling_strategy="sequential"),
                          train_dataset=conversation_dataset(), processing_class=processor)
     assert trainer.aux_loss_enabled  # TRL switches it on: the text config declares `router_aux_loss_coef`
-    try:
-        trainer.train()
-    except AttributeError as error:  # 'SparseMoEVLMRouting' object has no attribute 'device'
-        assert "SparseMoEVLMRouting" in str(error)
-        raise
+    batch = collate(trainer, conversation_dataset())  # the first two rows, the first batch of the run
+    model.train()
+    with torch.no_grad():
+        backbone = model.model(**{k: v for k, v in batch.items() if k != "labels"}, output_router_logits=True)
+        expected = load_balancing_loss_func(backbone.router_logits, text_config.num_experts,
+                                            text_config.num_experts_per_tok, batch["attention_mask"])
+    assert len(backbone.router_logits) == len(text_config.sparse_layer_indices)
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    assert trainer.state.global_step == 1 and math.isfinite(logged["loss"])
+    assert logged["aux_loss"] == pytest.approx(expected.item(), rel=1e-4)
 
 
 def test_stock_sft_trainer_trains_without_router_losses(tmp_path):

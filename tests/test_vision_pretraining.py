@@ -62,7 +62,7 @@ def test_pretraining_with_offsets_makes_tokens_carry_their_objects_position():
                           len(PATCH_LABELS), logging_steps=0)
     images, _, offsets = next(patch_label_batches(1, 64, grid_size=6, seed=99, with_offsets=True))
     with torch.no_grad():
-        tokens = model.get_vision_tokens(image_processor(images, return_tensors="pt")["pixel_values"])
+        tokens = model.get_image_features(image_processor(images, return_tensors="pt")["pixel_values"]).vision_tokens
     known = torch.tensor([[cell is not None for cell in per_image] for per_image in offsets])
     targets = torch.tensor([[cell or (0.0, 0.0) for cell in per_image] for per_image in offsets])[known]
     features = torch.cat([tokens[known], torch.ones(int(known.sum()), 1)], dim=1)
@@ -115,7 +115,7 @@ def test_pretraining_teaches_the_tower_per_patch_labels_and_touches_nothing_else
     # The image tokens the decoder reads now separate the classes: a fresh linear probe on them is near perfect.
     images, labels = next(patch_label_batches(1, 64, grid_size=6, seed=99))
     with torch.no_grad():
-        tokens = model.get_vision_tokens(image_processor(images, return_tensors="pt")["pixel_values"])
+        tokens = model.get_image_features(image_processor(images, return_tensors="pt")["pixel_values"]).vision_tokens
     assert tokens.shape == (64, 36, 32)
     probe = torch.nn.Linear(32, len(PATCH_LABELS))
     optimizer = torch.optim.Adam(probe.parameters(), lr=0.05)
