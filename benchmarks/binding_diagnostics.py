@@ -21,7 +21,7 @@ from transformers import TrainingArguments, set_seed
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from hf_sparsemoe_vlm import SparseMoEVLMConfig, SparseMoEVLMForConditionalGeneration, build_processor
-from hf_sparsemoe_vlm.synthetic_shapes import (
+from hf_sparsemoe_vlm.app.synthetic_shapes import (
     COLOURS,
     QUESTION_TYPES,
     SHAPES,
@@ -30,7 +30,7 @@ from hf_sparsemoe_vlm.synthetic_shapes import (
     patch_labels,
     place_shapes,
 )
-from hf_sparsemoe_vlm.training import PRESETS, SparseMoEVLMTrainer, VLMDataCollator, generate_answers
+from hf_sparsemoe_vlm.app.training import PRESETS, SparseMoEVLMTrainer, VLMDataCollator, generate_answers
 
 
 def cell_labels(shapes, image_size: int, grid: int) -> torch.Tensor:

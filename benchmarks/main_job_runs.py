@@ -33,7 +33,7 @@ def run_key(model: str, seed: int, threads: int) -> str:
 def launch(model: str, seed: int, threads: int, runs_dir: Path, extra: list[str]) -> tuple[subprocess.Popen, Path]:
     output = runs_dir / f"{model}-seed{seed}-threads{threads}"
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    code = (f"import sys, torch; torch.set_num_threads({threads}); from hf_sparsemoe_vlm.cli import main; "
+    code = (f"import sys, torch; torch.set_num_threads({threads}); from hf_sparsemoe_vlm.app.cli import main; "
             f"sys.exit(main(sys.argv[1:]))")
     command = [sys.executable, "-c", code, "train", "--output_dir", str(output), "--seed", str(seed),
                "--save_strategy", "no", "--disable_tqdm", "true", *MODEL_FLAGS[model], *extra]

@@ -32,7 +32,7 @@ TOLERANCE = 1e-5
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hf_sparsemoe_vlm.upcycling import add_output_arguments, add_upcycling_arguments
+    from hf_sparsemoe_vlm.conversion.upcycling import add_output_arguments, add_upcycling_arguments
 
     parser = argparse.ArgumentParser(prog="compose.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -59,7 +59,7 @@ def check_inputs(vision_dir: Path, lm_dir: Path):
     """Validate both folders from their configs, before loading any weight."""
     from transformers import AutoConfig
 
-    from hf_sparsemoe_vlm.upcycling import SUPPORTED_TEXT_MODEL_TYPES
+    from hf_sparsemoe_vlm.conversion.upcycling import SUPPORTED_TEXT_MODEL_TYPES
 
     for name, folder in (("--vision", vision_dir), ("--language_model", lm_dir)):
         if not (folder / "config.json").is_file():
@@ -82,7 +82,7 @@ def load_vision_weights(tower, vision_dir: Path):
     heads the VLM never uses are left out; anything missing or not fitting raises."""
     from transformers import AutoModel
 
-    from hf_sparsemoe_vlm.upcycling import load_source
+    from hf_sparsemoe_vlm.conversion.upcycling import load_source
 
     encoder = vision_half(load_source("the vision encoder", vision_dir, lambda: AutoModel.from_pretrained(
         vision_dir, dtype=torch.float32))).eval()
@@ -107,7 +107,7 @@ def compose(args):
         SparseMoEVLMImageProcessor,
         SparseMoEVLMProcessor,
     )
-    from hf_sparsemoe_vlm.upcycling import (
+    from hf_sparsemoe_vlm.conversion.upcycling import (
         load_source,
         sparse_text_config_from_dense,
         upcycle_decoder_state_dict,
@@ -173,7 +173,7 @@ def check_against_parts(model, lm, encoder, old_vocab: int, exact: bool,
                         dtype: torch.dtype = torch.float32) -> dict[str, str]:
     """Text logits against the LM (over its vocabulary) and image features against the encoder; `model` runs in
     float32 with its weights stored in `dtype`."""
-    from hf_sparsemoe_vlm.upcycling import logits_tolerance, verification_inputs
+    from hf_sparsemoe_vlm.conversion.upcycling import logits_tolerance, verification_inputs
 
     inputs = verification_inputs(model.config)
     text_ids = inputs["input_ids"][:, model.config.image_seq_length:]
@@ -198,7 +198,7 @@ def check_against_parts(model, lm, encoder, old_vocab: int, exact: bool,
 def convert(argv: list[str] | None = None) -> Path:
     from transformers import AutoConfig
 
-    from hf_sparsemoe_vlm.upcycling import (
+    from hf_sparsemoe_vlm.conversion.upcycling import (
         check_output_dir,
         output_dtype,
         parameter_summary,
@@ -245,7 +245,7 @@ def convert(argv: list[str] | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hf_sparsemoe_vlm.upcycling import run_conversion_script
+    from hf_sparsemoe_vlm.conversion.upcycling import run_conversion_script
 
     return run_conversion_script(convert, argv)
 

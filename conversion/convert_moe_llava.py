@@ -692,14 +692,14 @@ def convert(
         SparseMoEVLMImageProcessor,
         SparseMoEVLMProcessor,
     )
-    from hf_sparsemoe_vlm.processing_sparsemoe_vlm import CHAT_TEMPLATE
-    from hf_sparsemoe_vlm.upcycling import (
+    from hf_sparsemoe_vlm.conversion.upcycling import (
         OUTPUT_DTYPES,
         check_output_dir,
         parameter_summary,
         sparse_text_config_from_dense,
         write_converted_checkpoint,
     )
+    from hf_sparsemoe_vlm.processing_sparsemoe_vlm import CHAT_TEMPLATE
 
     input_dir = Path(input_dir)
     if not input_dir.is_dir():
@@ -887,7 +887,7 @@ def convert(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from hf_sparsemoe_vlm.upcycling import OUTPUT_DTYPES, add_output_arguments
+    from hf_sparsemoe_vlm.conversion.upcycling import OUTPUT_DTYPES, add_output_arguments
 
     parser = argparse.ArgumentParser(
         prog="convert_moe_llava.py",

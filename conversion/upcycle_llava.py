@@ -29,7 +29,7 @@ SUPPORTED_VISION_TOWERS = ("clip_vision_model", "siglip_vision_model")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hf_sparsemoe_vlm.upcycling import add_output_arguments, add_upcycling_arguments
+    from hf_sparsemoe_vlm.conversion.upcycling import add_output_arguments, add_upcycling_arguments
 
     parser = argparse.ArgumentParser(prog="upcycle_llava.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,7 +43,7 @@ def check_input(input_dir: Path):
     """Validate the LLaVA folder from its config alone, before loading any weight."""
     from transformers import AutoConfig
 
-    from hf_sparsemoe_vlm.upcycling import SUPPORTED_TEXT_MODEL_TYPES
+    from hf_sparsemoe_vlm.conversion.upcycling import SUPPORTED_TEXT_MODEL_TYPES
 
     if not (input_dir / "config.json").is_file():
         raise ValueError(f"{input_dir} has no config.json; pass a LLaVA checkpoint folder.")
@@ -86,7 +86,7 @@ def processor_from_llava(llava_processor, config):
 def compare_with_dense(dense, converted, config, exact: bool, dtype: torch.dtype = torch.float32) -> dict[str, str]:
     """Logits and greedy tokens of the converted model (run in float32, its weights stored in `dtype`) against the
     dense one; raises when `exact` and they differ."""
-    from hf_sparsemoe_vlm.upcycling import logits_tolerance, verification_inputs
+    from hf_sparsemoe_vlm.conversion.upcycling import logits_tolerance, verification_inputs
 
     inputs = verification_inputs(config)
     with torch.no_grad():
@@ -113,7 +113,7 @@ def compare_with_dense(dense, converted, config, exact: bool, dtype: torch.dtype
 def convert(argv: list[str] | None = None) -> Path:
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from hf_sparsemoe_vlm.upcycling import (
+    from hf_sparsemoe_vlm.conversion.upcycling import (
         check_output_dir,
         load_source,
         output_dtype,
@@ -159,7 +159,7 @@ def convert(argv: list[str] | None = None) -> Path:
     print(parameter_summary(model, f"Upcycled {input_dir} -> {output_dir}", [
         ("source text / vision model", f"{llava.config.text_config.model_type} / "
                                        f"{llava.config.vision_config.model_type}"),
-        ("source parameters", f"{sum(p.numel() for p in llava.parameters()):,}"),
+        ("source parameters", f"{llava.num_parameters():,}"),
         *checks.items(),
         ("dtype", str(dtype).removeprefix("torch.")),
         ("layout", "per-expert tensors" if args.per_expert_layout else "fused expert tensors"),
@@ -169,7 +169,7 @@ def convert(argv: list[str] | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hf_sparsemoe_vlm.upcycling import run_conversion_script
+    from hf_sparsemoe_vlm.conversion.upcycling import run_conversion_script
 
     return run_conversion_script(convert, argv)
 

@@ -406,7 +406,7 @@ class SparseMoEVLMReLURouter(SparseMoEVLMRouter):
         if self.forwards_observed == 256:
             logger.warning_once(
                 "The ReLU routers' Laplace coefficients have not been adapted for 256 training forwards although "
-                "`router_target_active_experts` is set: add `hf_sparsemoe_vlm.training.LaplaceScaleCallback()` to the "
+                "`router_target_active_experts` is set: add `hf_sparsemoe_vlm.app.training.LaplaceScaleCallback()` to the "
                 "Trainer's callbacks, or call `model.adapt_laplace_scales()` after each optimizer step."
             )
 

@@ -29,7 +29,7 @@ CHAT_TEMPLATE = (
     "{%- macro render(content) -%}"
     "{%- if content is string -%}{{ content }}"
     "{%- else -%}{%- for item in content -%}"
-    "{%- if item['type'] == 'image' -%}{{ '<image>' }}"
+    f"{{%- if item['type'] == 'image' -%}}{{{{ '{IMAGE_TOKEN}' }}}}"
     "{%- elif item['type'] == 'text' -%}{{ item['text'] }}"
     "{%- endif -%}{%- endfor -%}{%- endif -%}"
     "{%- endmacro -%}"

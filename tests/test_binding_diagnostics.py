@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_sparsemoe_vlm.synthetic_shapes import COLOURS, SHAPES, PlacedShape
+from hf_sparsemoe_vlm.app.synthetic_shapes import COLOURS, SHAPES, PlacedShape
 
 
 def _load_benchmark():

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModel, PreTrainedTokenizerFast
 
 from hf_sparsemoe_vlm import SparseMoEVLMForConditionalGeneration
-from hf_sparsemoe_vlm.upcycling import verification_inputs
+from hf_sparsemoe_vlm.conversion.upcycling import verification_inputs
 
 from tiny_models import CORPUS
 
@@ -358,7 +358,8 @@ def test_converted_moe_layer_matches_deepspeed_reference(top_k, tmp_path, tokeni
                    for e in range(EXPERTS)]
         expected = _deepspeed_moe_reference(hidden, source[s + "gate.wg.weight"], experts, top_k)
         with torch.no_grad():
-            actual = model.model.language_model.layers[layer].mlp(hidden[None])[0]
+            actual, _ = model.model.language_model.layers[layer].mlp(hidden[None])  # (output, router logits)
+            actual = actual[0]
         torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -615,7 +616,8 @@ def test_sharded_qwen1_5_checkpoint_with_layers_from_moe_mode(tmp_path, tokenize
                    for e in range(EXPERTS)]
         expected = _deepspeed_moe_reference(hidden, source[s + "gate.wg.weight"], experts, 2)
         with torch.no_grad():
-            actual = model.model.language_model.layers[layer].mlp(hidden[None])[0]
+            actual, _ = model.model.language_model.layers[layer].mlp(hidden[None])  # (output, router logits)
+            actual = actual[0]
         torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
     # A shard the index lists but the folder lacks is named before anything is converted.

@@ -5,9 +5,9 @@ import pytest
 from datasets import Dataset, DatasetDict
 from datasets import Image as ImageFeature
 
-from hf_sparsemoe_vlm.cli import main
-from hf_sparsemoe_vlm.data import load_vlm_dataset
-from hf_sparsemoe_vlm.training import VLMDataCollator
+from hf_sparsemoe_vlm.app.cli import main
+from hf_sparsemoe_vlm.app.data import load_vlm_dataset
+from hf_sparsemoe_vlm.app.training import VLMDataCollator
 
 from tiny_models import make_processor_and_model
 

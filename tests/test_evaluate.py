@@ -7,8 +7,8 @@ import PIL.Image
 import pytest
 from huggingface_hub import ModelCard
 
-from hf_sparsemoe_vlm.cli import main, parse_train_args
-from hf_sparsemoe_vlm.training import VLMDataCollator
+from hf_sparsemoe_vlm.app.cli import main, parse_train_args
+from hf_sparsemoe_vlm.app.training import VLMDataCollator
 
 from tiny_models import make_processor_and_model
 
@@ -91,7 +91,7 @@ def test_random_prompt_order_is_per_example_and_reproducible():
 def test_assigned_prompt_orders_are_fixed_per_example_whatever_the_batch_order():
     from datasets import Dataset
 
-    from hf_sparsemoe_vlm.training import assign_prompt_orders
+    from hf_sparsemoe_vlm.app.training import assign_prompt_orders
 
     processor, _ = make_processor_and_model()
     rows = Dataset.from_dict({"image": [PIL.Image.new("RGB", (20, 20))] * 40, "question": ["What colour?"] * 40,
@@ -122,7 +122,7 @@ def test_conversation_rows_keep_their_order_unless_asked():
 
 
 def test_deprecated_image_after_question_still_chooses_a_fixed_order():
-    from hf_sparsemoe_vlm.cli import resolve_prompt_order
+    from hf_sparsemoe_vlm.app.cli import resolve_prompt_order
 
     _, data_args, _ = parse_train_args(["--image_after_question", "true"])
     assert resolve_prompt_order(data_args) == "question_first"
@@ -236,7 +236,7 @@ def test_train_takes_explicit_validation_and_test_files_and_prints_the_splits(tm
 
 
 def test_given_split_files_are_checked_like_the_training_data(tmp_path):
-    from hf_sparsemoe_vlm.data import load_vlm_splits
+    from hf_sparsemoe_vlm.app.data import load_vlm_splits
 
     train = write_jsonl(tmp_path / "train.jsonl", write_rows(tmp_path, ["a.png", "b.png", "c.png"],
                                                              ["red", "blue", "red"]))

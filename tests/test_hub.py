@@ -465,8 +465,8 @@ def test_error_shapes_and_range_requests_over_raw_http(hub_server):
 
 def _training_folder(folder: Path) -> None:
     """A saved tiny model + processor with the files a `sparsemoe-vlm train` run leaves (metrics, settings, plot)."""
-    from hf_sparsemoe_vlm.model_card import write_model_card
-    from hf_sparsemoe_vlm.training import plot_expert_load
+    from hf_sparsemoe_vlm.app.model_card import write_model_card
+    from hf_sparsemoe_vlm.app.training import plot_expert_load
 
     from tiny_models import make_processor_and_model
 
@@ -485,7 +485,7 @@ def test_push_command_uploads_model_processor_card_and_plot_in_one_commit(hub_se
     folder = tmp_path / "run"
     _training_folder(folder)
     result = run_client(hub_server, tmp_path / "hf_home", f"""
-        from hf_sparsemoe_vlm.cli import main
+        from hf_sparsemoe_vlm.app.cli import main
         raise SystemExit(main(["push", {str(folder)!r}, "org/pushed-run"]))
     """)
     assert "Pushed" in result.stdout and "org/pushed-run" in result.stdout
@@ -530,7 +530,7 @@ def test_push_command_refuses_a_folder_that_does_not_load(hub_server, tmp_path):
     _training_folder(folder)
     (folder / "model.safetensors").write_bytes(b"truncated")
     script = f"""
-        from hf_sparsemoe_vlm.cli import main
+        from hf_sparsemoe_vlm.app.cli import main
         try:
             main(["push", {str(folder)!r}, "org/never-created"])
         except SystemExit as error:
@@ -549,7 +549,7 @@ def test_push_command_to_a_branch_without_the_plot(hub_server, tmp_path):
     folder = tmp_path / "run"
     _training_folder(folder)
     run_client(hub_server, tmp_path / "hf_home", f"""
-        from hf_sparsemoe_vlm.cli import main
+        from hf_sparsemoe_vlm.app.cli import main
         raise SystemExit(main(["push", {str(folder)!r}, "org/branch-run", "--revision", "dev", "--no_include_plot",
                                "--datasets", "org/shapes-vqa,org/shapes-captions"]))
     """)
@@ -567,7 +567,7 @@ def test_push_command_with_a_rejected_token_exits_cleanly_and_commits_nothing(hu
     folder = tmp_path / "run"
     _training_folder(folder)
     script = f"""
-        from hf_sparsemoe_vlm.cli import main
+        from hf_sparsemoe_vlm.app.cli import main
         try:
             main(["push", {str(folder)!r}, "org/tiny-sparsemoe-vlm"])
         except SystemExit as error:
@@ -597,14 +597,14 @@ def test_push_command_with_a_rejected_token_exits_cleanly_and_commits_nothing(hu
 
 
 def test_push_command_refuses_an_invalid_repo_id_before_loading_anything(tmp_path):
-    from hf_sparsemoe_vlm.cli import main
+    from hf_sparsemoe_vlm.app.cli import main
 
     with pytest.raises(SystemExit, match=r"Refusing to push to 'org/bad name!': Repo id must use alphanumeric"):
         main(["push", str(tmp_path / "not-even-a-folder"), "org/bad name!"])
 
 
 def test_push_command_refuses_a_processor_that_does_not_match_the_model(tmp_path):
-    from hf_sparsemoe_vlm.cli import main
+    from hf_sparsemoe_vlm.app.cli import main
 
     folder = tmp_path / "run"
     _training_folder(folder)
@@ -630,7 +630,7 @@ def test_the_suite_itself_runs_offline_with_a_private_hf_home_and_no_token():
 def test_card_metadata_validation_accepts_our_cards_and_names_what_the_hub_would_reject(tmp_path):
     from hub_server import card_metadata_errors
 
-    from hf_sparsemoe_vlm.model_card import build_model_card
+    from hf_sparsemoe_vlm.app.model_card import build_model_card
 
     _training_folder(tmp_path / "run")
     card = str(build_model_card(make_processor_and_model()[1], "org/x", tmp_path / "run",
@@ -654,7 +654,7 @@ def test_push_command_refuses_a_card_the_hub_rejects_before_creating_the_repo(hu
     card = (folder / "README.md").read_text()
     (folder / "README.md").write_text(card.replace("license: apache-2.0", "license: my-own-license", 1))
     result = run_client(hub_server, tmp_path / "hf_home", f"""
-        from hf_sparsemoe_vlm.cli import main
+        from hf_sparsemoe_vlm.app.cli import main
         try:
             main(["push", {str(folder)!r}, "org/bad-card", "--keep_card"])
         except SystemExit as error:
@@ -667,7 +667,7 @@ def test_push_command_refuses_a_card_the_hub_rejects_before_creating_the_repo(hu
 
 @pytest.mark.slow
 def test_push_command_keeps_a_converted_models_base_model_and_creates_a_private_repo(hub_server, tmp_path):
-    from hf_sparsemoe_vlm.model_card import write_model_card
+    from hf_sparsemoe_vlm.app.model_card import write_model_card
 
     folder = tmp_path / "upcycled"
     processor, model = make_processor_and_model()
@@ -678,7 +678,7 @@ def test_push_command_keeps_a_converted_models_base_model_and_creates_a_private_
                                                         "method": "sparse upcycling of LLaVA"}))
     write_model_card(model, folder, model_id="upcycled", license="llama2")
     run_client(hub_server, tmp_path / "hf_home", f"""
-        from hf_sparsemoe_vlm.cli import main
+        from hf_sparsemoe_vlm.app.cli import main
         raise SystemExit(main(["push", {str(folder)!r}, "org/private-upcycled", "--private"]))
     """)
     assert hub_server.repos["org/private-upcycled"].private

@@ -1,12 +1,14 @@
 import pytest
 
-from hf_sparsemoe_vlm.metrics import load_metric
+from hf_sparsemoe_vlm.app.metrics import load_metric
 
 
 def test_vqa_exact_match_normalises_case_space_and_full_stop():
     metric = load_metric("vqa_exact_match")
     result = metric.compute(predictions=["Red.", " two ", "left"], references=["red", "two", "right"])
     assert result == {"exact_match": pytest.approx(2 / 3), "num_examples": 3}
+    # Other punctuation counts, as the model card says ("a trailing full stop", not "punctuation").
+    assert metric.compute(predictions=["red!", "red,"], references=["red", "red"])["exact_match"] == 0.0
 
 
 def test_caption_bleu_and_rouge():

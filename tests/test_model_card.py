@@ -6,7 +6,7 @@ import pytest
 from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
 
-from hf_sparsemoe_vlm.model_card import build_model_card, parameter_counts, write_model_card
+from hf_sparsemoe_vlm.app.model_card import build_model_card, parameter_counts, write_model_card
 
 from tiny_models import make_model
 
@@ -174,8 +174,8 @@ def test_card_of_a_run_on_local_data_names_its_hub_dataset_and_never_the_local_p
 
 
 def test_dataset_ids_must_be_hub_ids_and_are_checked_before_any_work(tmp_path):
-    from hf_sparsemoe_vlm.cli import main
-    from hf_sparsemoe_vlm.model_card import hub_dataset_ids
+    from hf_sparsemoe_vlm.app.cli import main
+    from hf_sparsemoe_vlm.app.model_card import hub_dataset_ids
 
     assert hub_dataset_ids(" org/a ,org/b,") == ["org/a", "org/b"] and hub_dataset_ids("") is None
     with pytest.raises(ValueError, match=r"--dataset_hub_id '/home/alice/data' is not a Hub dataset id"):

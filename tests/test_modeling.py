@@ -443,7 +443,7 @@ def test_image_position_embeddings_are_added_to_each_image_token():
 
 
 def test_a_frozen_vision_tower_stays_in_eval_mode_while_the_rest_trains():
-    from hf_sparsemoe_vlm.training import apply_training_stage
+    from hf_sparsemoe_vlm.app.training import apply_training_stage
 
     model = make_model("resnet")  # BatchNorm in the tower
     images = torch.randn(3, 3, 32, 32)

@@ -37,12 +37,12 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     # torch.distributed launcher (`--multi_gpu`) with `--use_cpu true` gives 2 CPU processes over gloo.
     ddp = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_ip",
-           "127.0.0.1", "--main_process_port", str(_free_port()), "-m", "hf_sparsemoe_vlm.cli", "train",
+           "127.0.0.1", "--main_process_port", str(_free_port()), "-m", "hf_sparsemoe_vlm.app.cli", "train",
            "--output_dir", str(tmp_path / "ddp"), "--per_device_train_batch_size", "4",
            "--per_device_eval_batch_size", "4", *COMMON]
     result = subprocess.run(ddp, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
-    single = [sys.executable, "-m", "hf_sparsemoe_vlm.cli", "train", "--output_dir", str(tmp_path / "single"),
+    single = [sys.executable, "-m", "hf_sparsemoe_vlm.app.cli", "train", "--output_dir", str(tmp_path / "single"),
               "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8", *COMMON]
     result = subprocess.run(single, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]

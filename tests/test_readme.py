@@ -23,7 +23,7 @@ def test_readme_python_examples_run():
 @pytest.mark.slow
 def test_readme_examples_on_the_main_job_output_run(tmp_path):
     """The examples that use the main command's output run against a short run of the same command."""
-    from hf_sparsemoe_vlm.cli import main
+    from hf_sparsemoe_vlm.app.cli import main
 
     blocks = [block for block in _python_blocks() if MAIN_JOB_OUTPUT in block]
     assert blocks

@@ -19,7 +19,7 @@ ARGS = ["--max_steps", "16", "--save_steps", "4", "--save_total_limit", "10", "-
 
 
 def run(output, *extra, wait=True):
-    command = [sys.executable, "-m", "hf_sparsemoe_vlm.cli", "train", "--output_dir", str(output), *ARGS, *extra]
+    command = [sys.executable, "-m", "hf_sparsemoe_vlm.app.cli", "train", "--output_dir", str(output), *ARGS, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if wait:
         result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
@@ -53,7 +53,7 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path):
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
-    from hf_sparsemoe_vlm.cli import main
+    from hf_sparsemoe_vlm.app.cli import main
 
     with pytest.raises(ValueError, match="no checkpoint in"):
         main(["train", "--output_dir", str(tmp_path / "empty"), *ARGS, "--resume_from_checkpoint", "last"])

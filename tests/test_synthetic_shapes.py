@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from datasets import Image as ImageFeature
 
-from hf_sparsemoe_vlm.synthetic_shapes import (
+from hf_sparsemoe_vlm.app.synthetic_shapes import (
     COLOURS,
     NUMBER_WORDS,
     QUESTION_TYPES,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from hf_sparsemoe_vlm.training import LaplaceScaleCallback, SparseMoEVLMTrainer
+from hf_sparsemoe_vlm.app.training import LaplaceScaleCallback, SparseMoEVLMTrainer
 
 from tiny_models import make_inputs, make_model
 

@@ -8,8 +8,8 @@ import torch
 from huggingface_hub import ModelCard
 
 from hf_sparsemoe_vlm import SparseMoEVLMForConditionalGeneration
-from hf_sparsemoe_vlm.cli import main, parse_train_args
-from hf_sparsemoe_vlm.training import (
+from hf_sparsemoe_vlm.app.cli import main, parse_train_args
+from hf_sparsemoe_vlm.app.training import (
     VLMDataCollator,
     apply_training_stage,
     plot_expert_load,
@@ -95,7 +95,7 @@ def test_expert_load_plot_is_a_png(tmp_path):
     assert image.format is None and PIL.Image.open(path).format == "PNG"
     assert image.width >= 640 and image.height >= 200  # readable on a model page
     # One shared colour scale: the busiest cell (text expert 3, 50%) is the darkest, an idle one (expert 2) is white.
-    from hf_sparsemoe_vlm.training import _load_colour
+    from hf_sparsemoe_vlm.app.training import _load_colour
 
     pixels = set(image.getdata())
     assert _load_colour(1.0) in pixels and _load_colour(0.0) in pixels  # the colour bar's two ends
@@ -184,7 +184,7 @@ def test_lora_fine_tuning_trains_adapters_only_and_saves_a_merged_model(tmp_path
 
 def test_lora_rejects_bad_targets_and_stage_combinations(tmp_path):
     pytest.importorskip("peft")
-    from hf_sparsemoe_vlm.training import apply_lora
+    from hf_sparsemoe_vlm.app.training import apply_lora
 
     _, model = make_processor_and_model()
     with pytest.raises(ValueError, match="Unknown or empty LoRA targets"):

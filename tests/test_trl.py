@@ -11,7 +11,7 @@ from trl import SFTConfig, SFTTrainer
 from trl.chat_template_utils import has_generation_markers
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-from hf_sparsemoe_vlm.trl_integration import IgnoreImageTokenLabels, SparseMoEVLMSFTTrainer
+from hf_sparsemoe_vlm.app.trl_integration import IgnoreImageTokenLabels, SparseMoEVLMSFTTrainer
 
 from tiny_models import make_processor_and_model
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from hf_sparsemoe_vlm import SparseMoEVLMConfig, SparseMoEVLMForConditionalGeneration, SparseMoEVLMImageProcessor
-from hf_sparsemoe_vlm.cli import DEFAULT_VISION_PRETRAINING_STEPS, main
-from hf_sparsemoe_vlm.synthetic_shapes import (
+from hf_sparsemoe_vlm.app.cli import DEFAULT_VISION_PRETRAINING_STEPS, main
+from hf_sparsemoe_vlm.app.synthetic_shapes import (
     COLOURS,
     PATCH_LABELS,
     PlacedShape,
@@ -15,7 +15,7 @@ from hf_sparsemoe_vlm.synthetic_shapes import (
     patch_label_batches,
     patch_labels,
 )
-from hf_sparsemoe_vlm.training import preset_config, pretrain_vision_tower
+from hf_sparsemoe_vlm.app.training import preset_config, pretrain_vision_tower
 
 
 def test_patch_labels_mark_the_cells_each_shape_covers():
@@ -165,7 +165,7 @@ def test_cli_pretrains_then_freezes_the_tower_and_records_it(tmp_path, capsys):
 
 
 def test_stage_zero_defaults_resolve_from_the_run():
-    from hf_sparsemoe_vlm.cli import _vision_pretraining, parse_train_args
+    from hf_sparsemoe_vlm.app.cli import _vision_pretraining, parse_train_args
 
     def resolved(*argv):
         model_args, data_args, training_args = parse_train_args(["--output_dir", "unused", *argv])

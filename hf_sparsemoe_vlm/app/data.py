@@ -14,6 +14,10 @@ from datasets import Dataset, DatasetDict, Image, load_dataset, load_from_disk
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
+# Where LLaVA-format conversations put the image (fixed by that data format, whatever the model's own image token).
+LLAVA_IMAGE_PLACEHOLDER = "<image>"
+
+
 def _llava_messages(record: dict, index: int, source: str) -> list[dict]:
     """LLaVA `conversations` -> chat messages; the `<image>` placeholder becomes an image item."""
     conversations = record.get("conversations")
@@ -26,8 +30,8 @@ def _llava_messages(record: dict, index: int, source: str) -> list[dict]:
             raise ValueError(f"Row {index} of {source}: each turn needs `from` (one of {sorted(LLAVA_ROLES)}) and a "
                              f"string `value`; got {turn!r}.")
         text = turn["value"]
-        if role == "user" and "<image>" in text:
-            before, _, after = text.partition("<image>")
+        if role == "user" and LLAVA_IMAGE_PLACEHOLDER in text:
+            before, _, after = text.partition(LLAVA_IMAGE_PLACEHOLDER)
             content = [{"type": "text", "text": before.strip()}] if before.strip() else []
             content += [{"type": "image"}, {"type": "text", "text": after.strip()}]
         else:

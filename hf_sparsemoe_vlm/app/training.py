@@ -16,9 +16,9 @@ from PIL import Image, ImageDraw
 from transformers import Trainer, TrainerCallback
 from transformers.integrations import TensorBoardCallback
 
-from .configuration_sparsemoe_vlm import SparseMoEVLMConfig
+from ..configuration_sparsemoe_vlm import SparseMoEVLMConfig
+from ..processing_sparsemoe_vlm import BUILT_TOKENIZER_SPECIAL_TOKENS, IMAGE_TOKEN, SparseMoEVLMProcessor
 from .metrics import load_metric
-from .processing_sparsemoe_vlm import BUILT_TOKENIZER_SPECIAL_TOKENS, IMAGE_TOKEN, SparseMoEVLMProcessor
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -94,8 +94,7 @@ def apply_training_stage(model, stage: str, freeze_vision_tower: bool = False) -
         if freeze_vision_tower and "vision_tower" in name:
             trainable = False
         param.requires_grad_(trainable)
-    counts = {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-              "total": sum(p.numel() for p in model.parameters())}
+    counts = {"trainable": model.num_parameters(only_trainable=True), "total": model.num_parameters()}
     if counts["trainable"] == 0:
         raise ValueError(f"Training stage {stage!r} leaves no trainable parameter in this model.")
     return counts

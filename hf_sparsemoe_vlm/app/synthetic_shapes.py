@@ -6,6 +6,9 @@ shape, count and relative position. Generated on the fly, deterministic by seed,
 import random
 from dataclasses import dataclass
 
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+from datasets import Image as ImageFeature
 from PIL import Image, ImageDraw
 
 
@@ -82,8 +85,6 @@ def patch_centre_offsets(shapes: list[PlacedShape], image_size: int, grid_size: 
 
 def _patch_owners(shapes: list[PlacedShape], image_size: int, grid_size: int,
                   min_coverage: float) -> tuple[list[int], list[PlacedShape | None]]:
-    import torch
-
     best_label, best_coverage = [0] * grid_size ** 2, [0.0] * grid_size ** 2
     owner: list[PlacedShape | None] = [None] * grid_size ** 2
     for s in shapes:
@@ -199,9 +200,6 @@ def make_synthetic_dataset(num_train: int = 6000, num_validation: int = 300, num
     (shape and colour identity without having to find the object the question is about), followed by `num_train`
     examples of the full task. Train on it in order (`TrainingArguments(train_sampling_strategy="sequential")`); the
     examples are independent draws, so order within each part is already random."""
-    from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
-    from datasets import Image as ImageFeature
-
     features = Features({
         "image": ImageFeature(), "question": Value("string"), "answer": Value("string"),
         "question_type": ClassLabel(names=list(QUESTION_TYPES)), "caption": Value("string"),

@@ -13,7 +13,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .modeling_sparsemoe_vlm import ROUTER_CLASSES, SparseMoEVLMExpertGroup
+from ..modeling_sparsemoe_vlm import ROUTER_CLASSES, SparseMoEVLMExpertGroup
 from .training import ROUTING_LOG_PREFIX, ROUTING_STATISTICS, routing_log_key
 
 
@@ -45,8 +45,7 @@ def parameter_counts(model, experts_per_token: dict[str, float] | None = None) -
     bound. Shared experts count fully.
     """
     inner = model.model if hasattr(model, "model") else model
-    counts = {"total": sum(p.numel() for p in model.parameters()),
-              "vision_tower": sum(p.numel() for p in inner.vision_tower.parameters()),
+    counts = {"total": model.num_parameters(), "vision_tower": inner.vision_tower.num_parameters(),
               "projector": sum(p.numel() for p in inner.multi_modal_projector.parameters())}
     counts["decoder"] = counts["total"] - counts["vision_tower"] - counts["projector"]
     routed = {"text": 0, "image": 0}
@@ -331,7 +330,7 @@ def build_model_card(
     evaluation_summary = (
         f"On held-out data of {dataset_name}"
         + (f"; the test figures come from {metrics['test_source']}" if metrics.get("test_source") else "")
-        + ". Answers are generated greedily and compared after lower-casing and stripping punctuation (exact match)"
+        + ". Answers are generated greedily and compared after lower-casing and removing surrounding whitespace and a trailing full stop (exact match)"
         + ("; captions are scored with BLEU (sacrebleu) and ROUGE (rouge_score)" if has_captions else "")
         + ". `exact_match_<type>` breaks the exact match down by question type"
         + ("; `_image_first` / `_question_first` give each prompt order on its own (the plain figures pool both)"

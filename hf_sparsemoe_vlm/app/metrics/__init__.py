@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import evaluate
+
 
 METRICS_DIR = Path(__file__).parent
 
@@ -9,8 +11,6 @@ METRICS_DIR = Path(__file__).parent
 def load_metric(name: str):
     """Load one of the package's `evaluate` metrics (`"vqa_exact_match"`, `"caption_bleu"`, `"caption_rouge"`)
     from its file, without the Hub."""
-    import evaluate
-
     path = METRICS_DIR / f"{name}.py"
     if not path.is_file():
         available = sorted(p.stem for p in METRICS_DIR.glob("*.py") if p.stem != "__init__")

@@ -10,18 +10,21 @@ ReLU routers start with zero weights and a bias of `1 / num_experts` (gates summ
 take a share of the MLP's output projection that the routed experts give up.
 """
 
+import argparse
 import json
 import os
-import re
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedConfig
+from transformers.utils.hub import convert_file_size_to_int
 
-from .configuration_sparsemoe_vlm import SparseMoEVLMConfig, SparseMoEVLMTextConfig
-from .modeling_sparsemoe_vlm import ROUTER_CLASSES, SparseMoEVLMForConditionalGeneration
+from ..app.model_card import parameter_counts, write_model_card
+from ..configuration_sparsemoe_vlm import SparseMoEVLMConfig, SparseMoEVLMTextConfig
+from ..modeling_sparsemoe_vlm import ROUTER_CLASSES, SparseMoEVLMForConditionalGeneration
 
 
 SUPPORTED_TEXT_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -307,16 +310,17 @@ def upcycling_options(args) -> dict:
                                                    "router_top_p")}
 
 
-def shard_size(value: str) -> str | int:
-    """`--max_shard_size` as `save_pretrained` takes it (a size string or a byte count), checked when the arguments
-    are parsed rather than after the conversion."""
-    import argparse
-
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]B)?\s*", value, flags=re.IGNORECASE)
-    if match is None or float(match.group(1)) <= 0:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a shard size; use a positive number of bytes or a "
-                                         f"number with KB, MB, GB or TB, e.g. 5GB or 500MB")
-    return value.strip() if match.group(2) else int(float(match.group(1)))
+def shard_size(value: str) -> int:
+    """`--max_shard_size` in bytes: a byte count, or a size as `save_pretrained` reads it (`5GB`, `500MB`, `1GiB`),
+    checked when the arguments are parsed rather than after the conversion."""
+    try:
+        size = int(value) if value.strip().isdigit() else convert_file_size_to_int(value.strip())
+    except ValueError:
+        size = 0
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a shard size; use a positive number of bytes or a whole "
+                                         f"number with KB, MB, GB (or KiB, MiB, GiB), e.g. 5GB or 500MB")
+    return size
 
 
 def add_output_arguments(parser) -> None:
@@ -325,7 +329,7 @@ def add_output_arguments(parser) -> None:
     group.add_argument("--output", required=True, help="Folder for the converted checkpoint (must be empty).")
     group.add_argument("--overwrite", action="store_true", help="Replace the contents of a non-empty --output.")
     group.add_argument("--max_shard_size", default="5GB", type=shard_size,
-                       help="Largest safetensors shard: bytes, or a number with KB, MB, GB or TB (5GB, 500MB).")
+                       help="Largest safetensors shard: bytes, or a whole number with KB, MB, GB, KiB, MiB or GiB (5GB, 500MB).")
     group.add_argument("--per_expert_layout", action="store_true",
                        help="Write one tensor per expert and projection (experts.<e>.gate_proj.weight, ...) instead "
                             "of the fused expert tensors; both layouts load with from_pretrained.")
@@ -337,8 +341,6 @@ def add_output_arguments(parser) -> None:
 def run_conversion_script(convert: Callable[[list[str] | None], object], argv: list[str] | None = None) -> int:
     """Entry point of the conversion scripts: run `convert(argv)`; any conversion problem becomes `error: ...` on
     stderr and exit status 1 (nothing has been written by then)."""
-    import sys
-
     try:
         convert(argv)
     except (ValueError, KeyError, RuntimeError, OSError) as error:
@@ -398,8 +400,6 @@ def verification_inputs(config: SparseMoEVLMConfig, batch_size: int = 2, text_le
 def parameter_summary(model: SparseMoEVLMForConditionalGeneration, title: str, rows: list[tuple[str, str]] = ()
                       ) -> str:
     """A plain-text table: total / active parameters, experts per group, converted layers, plus `rows`."""
-    from .model_card import parameter_counts
-
     counts = parameter_counts(model)
     text_config = model.config.text_config
     groups = ", ".join(f"{n} {g}" for g, n in text_config.expert_groups.items())
@@ -458,7 +458,6 @@ def write_converted_checkpoint(
     An interruption leaves at most the hidden `.<name>.partial-<pid>` folder (and, killed mid `--overwrite` swap,
     the previous checkpoint set aside as `.<name>.old-<pid>`), never a checkpoint that looks complete; the next
     conversion into the same folder cleans both up. A failed check raises and removes the staging folder."""
-    from .model_card import write_model_card
 
     output_dir = check_output_dir(output_dir, overwrite).resolve()
     staging = output_dir.parent / f".{output_dir.name}.partial-{os.getpid()}"

@@ -5,17 +5,37 @@ Transformers' Trainer; it also runs under `accelerate launch`."""
 
 import json
 import math
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from huggingface_hub import HfApi, ModelCard, constants
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from .synthetic_shapes import QUESTION_TYPES
-from .training import TRAINING_STAGES
+from .. import SparseMoEVLMForConditionalGeneration, SparseMoEVLMProcessor, build_processor
+from .data import load_vlm_splits
+from .model_card import hub_dataset_ids, write_model_card
+from .synthetic_shapes import PATCH_LABELS, QUESTION_TYPES, make_synthetic_dataset, patch_label_batches
+from .training import (
+    PROMPT_ORDERS,
+    TRAINING_STAGES,
+    SparseMoEVLMTrainer,
+    VLMDataCollator,
+    apply_lora,
+    apply_training_stage,
+    assign_prompt_orders,
+    evaluate_answers,
+    plot_expert_load,
+    preset_config,
+    pretrain_vision_tower,
+)
 
 
 DEFAULT_VISION_PRETRAINING_STEPS = 300
@@ -124,7 +144,6 @@ def parse_train_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, Tr
 
 def resolve_prompt_order(data_args: DataArguments) -> str:
     """The prompt order a run trains with; the deprecated `--image_after_question` still chooses a fixed one."""
-    from .training import PROMPT_ORDERS
 
     if data_args.image_after_question is not None:
         data_args.prompt_order = "question_first" if data_args.image_after_question else "image_first"
@@ -136,8 +155,6 @@ def resolve_prompt_order(data_args: DataArguments) -> str:
 
 def load_data(data_args: DataArguments, seed: int):
     """The train / validation / test splits `data_args` names, and where each comes from (one line per split)."""
-    from .data import load_vlm_splits
-    from .synthetic_shapes import make_synthetic_dataset
 
     if data_args.dataset == "synthetic":
         if data_args.eval_dataset or data_args.test_dataset:
@@ -166,8 +183,6 @@ def _print_splits(dataset, origins: dict[str, str]) -> None:
 def _build_model_and_processor(model_args: ModelArguments, train_split):
     """Load a checkpoint, or build the preset (optionally as its dense baseline) with a tokenizer trained on the
     training texts."""
-    from . import SparseMoEVLMForConditionalGeneration, SparseMoEVLMProcessor, build_processor
-    from .training import preset_config
 
     if model_args.model_name_or_path:
         return (SparseMoEVLMForConditionalGeneration.from_pretrained(model_args.model_name_or_path),
@@ -216,8 +231,6 @@ def _training_settings(training_args: TrainingArguments) -> dict:
 def _vision_pretraining(model, processor, model_args: ModelArguments, data_args: DataArguments,
                         training_args: TrainingArguments, resuming: bool) -> None:
     """Resolve the stage-0 defaults and run it. A resumed run skips it: its tower comes from the checkpoint."""
-    from .synthetic_shapes import PATCH_LABELS, patch_label_batches
-    from .training import pretrain_vision_tower
 
     steps = model_args.vision_pretraining_steps
     if steps is None:
@@ -246,16 +259,6 @@ def _vision_pretraining(model, processor, model_args: ModelArguments, data_args:
 
 def train(argv: list[str]) -> dict[str, float]:
     """Run `sparsemoe-vlm train`; returns the final metrics."""
-    from .model_card import hub_dataset_ids, write_model_card
-    from .training import (
-        SparseMoEVLMTrainer,
-        VLMDataCollator,
-        apply_lora,
-        apply_training_stage,
-        assign_prompt_orders,
-        evaluate_answers,
-        plot_expert_load,
-    )
 
     model_args, data_args, training_args = parse_train_args(argv)
     hub_dataset_ids(data_args.dataset_hub_id)  # a bad id is an error now, not after training
@@ -272,14 +275,19 @@ def train(argv: list[str]) -> dict[str, float]:
     if model_args.lora_r > 0 and (model_args.training_stage != "full" or model_args.freeze_vision_tower):
         raise ValueError("--lora_r trains only the LoRA adapters (everything else is frozen); leave "
                          "--training_stage at full and --freeze_vision_tower off with LoRA.")
-    model, processor = _build_model_and_processor(model_args, dataset["train"])
     resume = training_args.resume_from_checkpoint
+    if resume is not None and resume.lower() in ("last", "true"):
+        # Trainer finds the last checkpoint itself; refuse here, before any work, when there is none.
+        if get_last_checkpoint(str(output_dir)) is None:
+            raise ValueError(f"--resume_from_checkpoint {resume}: no checkpoint in {output_dir}.")
+        resume = True
+    model, processor = _build_model_and_processor(model_args, dataset["train"])
     _vision_pretraining(model, processor, model_args, data_args, training_args, resuming=resume is not None)
     counts = apply_training_stage(model, model_args.training_stage, model_args.freeze_vision_tower)
     if model_args.lora_r > 0:
         model = apply_lora(model, model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout,
                            tuple(t.strip() for t in model_args.lora_targets.split(",") if t.strip()))
-        counts["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        counts["trainable"] = model.num_parameters(only_trainable=True)
     print(f"model: {counts['total']:,} parameters, {counts['trainable']:,} trainable "
           f"(stage {model_args.training_stage}); router {model.config.text_config.router_type}", flush=True)
 
@@ -296,11 +304,6 @@ def train(argv: list[str]) -> dict[str, float]:
         data_collator=collator, processing_class=processor, generation_collator=collator,
         generation_max_new_tokens=data_args.max_new_tokens,
     )
-    if resume is not None and resume.lower() in ("last", "true"):
-        resume = get_last_checkpoint(str(output_dir))
-        if resume is None:
-            raise ValueError(f"--resume_from_checkpoint {training_args.resume_from_checkpoint}: no checkpoint in "
-                             f"{output_dir}.")
     trainer.train(resume_from_checkpoint=resume)
 
     metrics = {}
@@ -359,15 +362,8 @@ def push(argv: list[str]) -> str:
     not match the model), stage model + processor + model card (+ routing plot), have the Hub validate the card's
     metadata and upload them in one commit.
     Returns the commit URL."""
-    import shutil
-    import tempfile
 
-    from huggingface_hub import HfApi, ModelCard, constants
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
 
-    from . import SparseMoEVLMForConditionalGeneration, SparseMoEVLMProcessor
-    from .model_card import hub_dataset_ids, write_model_card
 
     # `push <folder> <repo_id>`: the two positionals become --folder / --repo_id.
     argv, positional = list(argv), []
@@ -474,9 +470,6 @@ def evaluate(argv: list[str]) -> dict[str, float]:
     """Run `sparsemoe-vlm evaluate MODEL_DIR`: score a saved model on a split of any dataset `train` reads (by
     default the data and settings of the run that wrote MODEL_DIR) in one or both prompt orders; write the metrics
     JSON and, with --update_card, the run's metrics and model card. Returns the metrics."""
-    from . import SparseMoEVLMForConditionalGeneration, SparseMoEVLMProcessor
-    from .model_card import write_model_card
-    from .training import VLMDataCollator, evaluate_answers
 
     argv = list(argv)
     if argv and not argv[0].startswith("-"):
