@@ -320,7 +320,8 @@ def generate_answers(model, collator: VLMDataCollator, rows, batch_size: int = 3
     return answers
 
 
-ORDER_NAMES = {True: "image_first", False: "question_first"}
+# None: the collator's own order (a fixed `prompt_order`; conversation rows keep theirs).
+ORDER_NAMES = {True: "image_first", False: "question_first", None: "collator_order"}
 
 
 def question_kinds(rows) -> list[str]:
@@ -333,13 +334,15 @@ def question_kinds(rows) -> list[str]:
     return [names[value] if names and isinstance(value, int) else str(value) for value in rows["question_type"]]
 
 
-def evaluate_answers(model, collator: VLMDataCollator, rows, *, image_first: tuple[bool, ...] = (True, False),
+def evaluate_answers(model, collator: VLMDataCollator, rows, *, image_first: tuple[bool | None, ...] = (True, False),
                      batch_size: int = 32, max_new_tokens: int = 24, prefix: str = "test"
                      ) -> tuple[dict[str, float], dict[str, list[str]]]:
-    """Ask every question of `rows` (a `datasets.Dataset`) in each prompt order of `image_first` and score the
-    greedy answers: exact match on short answers (overall, per order as `<prefix>_exact_match_image_first` /
-    `_question_first`, and per question type), BLEU / ROUGE on captions. Overall figures pool every order. Returns
-    the metrics and the answers per order name."""
+    """Ask every question of `rows` (a `datasets.Dataset`) in each prompt order of `image_first` (True: image first,
+    False: question first, None: the collator's own order) and score the greedy answers: exact match on short
+    answers (overall, per order as `<prefix>_exact_match_image_first` / `_question_first` when there are several
+    orders, and per question type), BLEU / ROUGE on captions. Overall figures pool every order. Returns the metrics
+    and the answers per order name. `sparsemoe-vlm evaluate`, the test figures of `train` and
+    `SparseMoEVLMTrainer.evaluate` all score through it."""
     if not image_first:
         raise ValueError("`image_first` must name at least one prompt order (True: image first, False: question first).")
     references, kinds = [collator.reference(row) for row in rows], question_kinds(rows)
@@ -488,19 +491,9 @@ class SparseMoEVLMTrainer(Trainer):
         if collator is not None and dataset is not None and len(dataset):
             # A run on random prompt orders is scored in both; a fixed order in its own.
             orders = (True, False) if collator.prompt_order == "random" else (None,)
-            references = [collator.reference(row) for row in dataset]
-            exact_match = load_metric("vqa_exact_match")
-            extra, pooled_predictions = {}, []
-            for order in orders:
-                predictions = generate_answers(self.model, collator, dataset,
-                                               batch_size=self.args.per_device_eval_batch_size,
-                                               max_new_tokens=self.generation_max_new_tokens, image_first=order)
-                pooled_predictions += predictions
-                if order is not None:
-                    extra[f"{metric_key_prefix}_exact_match_{ORDER_NAMES[order]}"] = exact_match.compute(
-                        predictions=predictions, references=references)["exact_match"]
-            extra[f"{metric_key_prefix}_exact_match"] = exact_match.compute(
-                predictions=pooled_predictions, references=references * len(orders))["exact_match"]
+            extra, _ = evaluate_answers(self.model, collator, dataset, image_first=orders,
+                                        batch_size=self.args.per_device_eval_batch_size,
+                                        max_new_tokens=self.generation_max_new_tokens, prefix=metric_key_prefix)
             self.log(extra)
             metrics.update(extra)
         return metrics
