@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
+from hf_sparsemoe_vlm.processing_sparsemoe_vlm import IMAGE_TOKEN
 
-IMAGE_TOKEN = "<image>"
+
 TOLERANCE = 1e-5
 
 

@@ -75,8 +75,9 @@ from pathlib import Path
 
 import torch
 
+from hf_sparsemoe_vlm.processing_sparsemoe_vlm import IMAGE_TOKEN
 
-IMAGE_TOKEN = "<image>"
+
 DEFAULT_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                   "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 

@@ -133,6 +133,12 @@ def test_unknown_sources_are_rejected(tmp_path):
     (tmp_path / "data.csv").write_text("a,b")
     with pytest.raises(ValueError, match="unsupported file type"):
         load_vlm_dataset(str(tmp_path / "data.csv"))
+    (tmp_path / "broken.json").write_text('[{"image": "a.png", "question": ')
+    with pytest.raises(ValueError, match="broken.json: cannot be read as a JSON list of rows"):
+        load_vlm_dataset(str(tmp_path / "broken.json"))
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(ValueError, match="empty.json: cannot be read as a JSON list of rows .*empty or malformed"):
+        load_vlm_dataset(str(tmp_path / "empty.json"))
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@
 `save_to_disk` folder, an `imagefolder` with `metadata.jsonl`, JSON / JSONL files with image paths, LLaVA-style
 conversation JSON). Every source becomes rows of `image`, `question`, `answer` and, for conversations, `messages`."""
 
-import json
 import os
 from pathlib import Path
 
@@ -51,37 +50,45 @@ def _resolve(path: str, base: Path, index: int, source: str) -> str:
 
 
 def _from_json(path: Path, image_column: str) -> Dataset:
-    """JSON / JSONL rows with an image path; LLaVA conversation files are recognised by `conversations`."""
-    text = path.read_text()
-    records = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" \
-        else json.loads(text)
-    if isinstance(records, dict):
-        records = records.get("data", [records])
-    if not isinstance(records, list) or not records:
-        raise ValueError(f"{path}: expected a JSON list of rows (or JSONL, one row per line).")
-    rows = []
-    for index, record in enumerate(records):
-        if image_column not in record:
-            raise ValueError(f"Row {index} of {path}: no `{image_column}` field (fields: {sorted(record)}). "
-                             "Pass --image_column to name the image path field.")
-        row = dict(record)
-        row[image_column] = _resolve(str(record[image_column]), path.parent, index, str(path))
-        if "conversations" in record:
-            row = {image_column: row[image_column], "messages": _llava_messages(record, index, str(path))}
-        rows.append(row)
-    columns = {key: [row.get(key) for row in rows] for key in rows[0]}
-    return Dataset.from_dict(columns).cast_column(image_column, Image())
+    """JSON / JSONL rows with an image path, read by `load_dataset("json")`; LLaVA conversation files are recognised
+    by their `conversations` field."""
+    try:
+        rows = load_dataset("json", data_files=str(path), split="train")
+    except Exception as error:  # malformed JSON, or a field whose values mix types (pyarrow cannot type it)
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"{path}: cannot be read as a JSON list of rows (or JSONL, one row per line); it is empty "
+                         f"or malformed ({reason}).") from None
+    if len(rows) == 0:
+        raise ValueError(f"{path}: expected a JSON list of rows (or JSONL, one row per line), found none.")
+    conversations = "conversations" in rows.column_names
+
+    def prepare(row: dict, index: int) -> dict:
+        if row.get(image_column) is None:
+            raise ValueError(f"Row {index} of {path}: no `{image_column}` field (fields: "
+                             f"{sorted(k for k, v in row.items() if v is not None)}). Pass --image_column to name the "
+                             "image path field.")
+        image = _resolve(str(row[image_column]), path.parent, index, str(path))
+        if conversations:
+            return {image_column: image, "messages": _llava_messages(row, index, str(path))}
+        return {image_column: image}
+
+    kept = [image_column, "messages"] if conversations else rows.column_names
+    rows = rows.map(prepare, with_indices=True, remove_columns=[c for c in rows.column_names if c not in kept])
+    return rows.cast_column(image_column, Image())
 
 
 def _split(dataset: Dataset, seed: int, validation_fraction: float, test_fraction: float) -> DatasetDict:
-    """Carve validation and test rows out of `dataset` (at least one each when asked, if the data allows)."""
+    """Carve validation and test rows out of `dataset` with `train_test_split` (at least one each when asked, if the
+    data allows)."""
     n = len(dataset)
     n_validation = max(1, round(n * validation_fraction)) if validation_fraction > 0 and n >= 3 else 0
     n_test = max(1, round(n * test_fraction)) if test_fraction > 0 and n - n_validation >= 2 else 0
-    order = dataset.shuffle(seed=seed)
-    return DatasetDict({"train": order.select(range(n_validation + n_test, n)),
-                        "validation": order.select(range(n_validation)),
-                        "test": order.select(range(n_validation, n_validation + n_test))})
+    if n_validation + n_test == 0:
+        return DatasetDict({"train": dataset, "validation": dataset.select([]), "test": dataset.select([])})
+    carved = dataset.train_test_split(test_size=n_validation + n_test, seed=seed)
+    held_out = carved["test"]
+    return DatasetDict({"train": carved["train"], "validation": held_out.select(range(n_validation)),
+                        "test": held_out.select(range(n_validation, n_validation + n_test))})
 
 
 def _standardise(split: Dataset, source: str, name: str, image_column: str, question_column: str,
