@@ -444,13 +444,16 @@ class SparseMoEVLMExpertGroup(nn.Module):
         self, hidden_states: torch.Tensor, token_index: torch.Tensor, token_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, SparseMoEVLMRouting]:
         router_logits, top_k_weights, top_k_index = self.router(hidden_states)
+        # The sentinel is the group's global expert count: under expert parallelism `experts.num_experts` is the
+        # local count, a valid global index of the next rank's experts.
+        sentinel = self.router.num_experts
         if token_mask is not None:  # shape-static dispatch: tokens of the other modality use no expert
             top_k_weights = top_k_weights * token_mask[:, None]
-            top_k_index = top_k_index.masked_fill(~token_mask[:, None], self.experts.num_experts)
+            top_k_index = top_k_index.masked_fill(~token_mask[:, None], sentinel)
         if self.router.dynamic and token_mask is None and not torch.compiler.is_compiling():
             # A variable number of experts per token: run only the used (token, expert) pairs, as a top-1 batch, so
             # that no kernel sorts or gathers the unused slots; then sum each token's pairs.
-            token_idx, slot = (top_k_index < self.experts.num_experts).nonzero(as_tuple=True)
+            token_idx, slot = (top_k_index < sentinel).nonzero(as_tuple=True)
             pair_output = self.experts(hidden_states[token_idx], top_k_index[token_idx, slot, None],
                                        top_k_weights[token_idx, slot, None].to(hidden_states.dtype))
             output = torch.zeros_like(hidden_states).index_add(0, token_idx, pair_output)

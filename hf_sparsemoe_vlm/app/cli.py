@@ -278,7 +278,7 @@ def train(argv: list[str]) -> dict[str, float]:
     resume = training_args.resume_from_checkpoint
     if resume is not None and resume.lower() in ("last", "true"):
         # Trainer finds the last checkpoint itself; refuse here, before any work, when there is none.
-        if get_last_checkpoint(str(output_dir)) is None:
+        if not output_dir.is_dir() or get_last_checkpoint(str(output_dir)) is None:
             raise ValueError(f"--resume_from_checkpoint {resume}: no checkpoint in {output_dir}.")
         resume = True
     model, processor = _build_model_and_processor(model_args, dataset["train"])

@@ -7,14 +7,13 @@ vision-language collator that tokenizes and processes images on the fly, `assist
 datasets with `completion_only_loss`, PEFT, `SFTConfig`); two things change:
 
 - **The loss.** Stock `SFTTrainer` computes the loss through a fused LM head that it patches onto the model: the head
-  runs the backbone and, for Mixture-of-Experts models, recomputes a Mixtral load-balancing loss from
-  `backbone_outputs.router_logits`, which it takes for per-layer `(batch * seq_len, num_experts)` tensors. This model
-  routes text and image tokens to separate expert groups and records routing as `SparseMoEVLMRouting` objects, so the
-  stock trainer stops at its first step (`AttributeError: 'SparseMoEVLMRouting' object has no attribute 'device'`)
-  unless the aux loss is switched off with `router_aux_loss_coef=0.0`, and even then it trains without the router
-  losses. Here the loss is the model's forward with labels: token cross-entropy + `router_aux_loss_coef` x the
-  per-modality load-balancing loss + `router_z_loss_coef` x z-loss (+ the L1 term of ReLU routers, whose coefficients
-  adapt once per optimizer step through `LaplaceScaleCallback`, as in `SparseMoEVLMTrainer`). `SFTConfig(router_aux_loss_coef=...)` still sets the aux coefficient (TRL writes it into
+  runs the backbone and, for Mixture-of-Experts models, adds a Mixtral load-balancing loss computed from
+  `backbone_outputs.router_logits` (one `(batch * seq_len, experts)` tensor per sparse layer, which this model
+  returns). That trains, but with one balance loss pooled over text and image tokens, no z-loss, no L1 term, and
+  ReLU routers' coefficients left unadapted. Here the loss is the model's forward with labels: token cross-entropy
+  + `router_aux_loss_coef` x the per-modality load-balancing loss + `router_z_loss_coef` x z-loss (+ the L1 term of
+  ReLU routers, whose coefficients adapt once per optimizer step through `LaplaceScaleCallback`, as in
+  `SparseMoEVLMTrainer`). `SFTConfig(router_aux_loss_coef=...)` still sets the aux coefficient (TRL writes it into
   the text config, which the forward reads); `aux_loss`, `z_loss` (and `l1_loss`) are logged next to TRL's
   `entropy`, `mean_token_accuracy` and `num_tokens`.
 - **Image tokens are never labels.** TRL's vision collator copies `input_ids` into `labels` without masking image
