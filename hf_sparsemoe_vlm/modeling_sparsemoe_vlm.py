@@ -95,6 +95,17 @@ class SparseMoEVLMRouting:
         used = F.one_hot(self.top_k_index, num_classes=self.num_experts + 1)[..., : self.num_experts]
         return used.sum(dim=-2) > 0
 
+    def counted_tokens(self, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """`(tokens_in_group,)` booleans: the group's own tokens that are not padding (`attention_mask`: the flattened
+        `(batch * seq_len)` mask of this forward's tokens, None when there is no padding)."""
+        device = self.router_logits.device
+        counted = torch.ones(self.token_index.shape[0], dtype=torch.bool, device=device)
+        if attention_mask is not None:
+            counted = attention_mask.to(device)[self.token_index.to(device)].bool()
+        if self.token_mask is not None:
+            counted = counted & self.token_mask.to(device)
+        return counted
+
     @property
     def routing_weights(self) -> torch.Tensor:
         """`(tokens_in_group, experts_in_group)` weight of each expert for each token, zero where it is off."""
@@ -395,19 +406,15 @@ class SparseMoEVLMReLURouter(SparseMoEVLMRouter):
     def observe(self, routing: SparseMoEVLMRouting, token_mask: torch.Tensor | None) -> None:
         """Count the active experts of this forward's real tokens (`token_mask`: flattened attention mask)."""
         used = routing.top_k_index < self.num_experts
-        real = torch.ones(used.shape[0], dtype=torch.bool, device=used.device)
-        if token_mask is not None:
-            real = token_mask.to(used.device)[routing.token_index.to(used.device)].bool()
-        if routing.token_mask is not None:
-            real = real & routing.token_mask.to(used.device)
+        real = routing.counted_tokens(token_mask).to(used.device)
         counts = torch.stack([used[real].sum(), real.sum()]).float()
         self.observed = counts if self.observed is None else self.observed + counts.to(self.observed.device)
         self.forwards_observed += 1
         if self.forwards_observed == 256:
             logger.warning_once(
                 "The ReLU routers' Laplace coefficients have not been adapted for 256 training forwards although "
-                "`router_target_active_experts` is set: add `hf_sparsemoe_vlm.app.training.LaplaceScaleCallback()` to the "
-                "Trainer's callbacks, or call `model.adapt_laplace_scales()` after each optimizer step."
+                "`router_target_active_experts` is set: add `hf_sparsemoe_vlm.app.training.LaplaceScaleCallback()` "
+                "to the Trainer's callbacks, or call `model.adapt_laplace_scales()` after each optimizer step."
             )
 
     @torch.no_grad()
@@ -904,12 +911,7 @@ def router_losses(
     experts_per_token: dict[str, list[torch.Tensor]] = {}
     for routing in routings:
         logits = routing.router_logits
-        if token_mask is None:
-            group_mask = torch.ones(logits.shape[0], device=logits.device)
-        else:
-            group_mask = token_mask.to(logits.device)[routing.token_index.to(logits.device)].float()
-        if routing.token_mask is not None:
-            group_mask = group_mask * routing.token_mask.to(logits.device)
+        group_mask = routing.counted_tokens(token_mask).float()
         n_tokens = group_mask.sum()
         active = routing.expert_mask.float() * group_mask[:, None]
         num_experts = routing.num_experts
@@ -968,8 +970,8 @@ class SparseMoEVLMForConditionalGeneration(SparseMoEVLMPreTrainedModel, Generati
 
     def routers(self) -> dict[tuple[int, str], SparseMoEVLMRouter]:
         """Every router, keyed by (sparse layer index, group)."""
-        return {(module.layer_idx, module.group): module.router for module in self.modules()
-                if isinstance(module, SparseMoEVLMExpertGroup)}
+        return {(group.layer_idx, group.group): group.router for layer in self.model.language_model.layers
+                if layer.is_sparse for group in (layer.mlp.text_moe, layer.mlp.image_moe) if group is not None}
 
     def adapt_laplace_scales(self) -> None:
         """Adapt each ReLU router's L1 coefficient toward `router_target_active_experts` from the training forwards

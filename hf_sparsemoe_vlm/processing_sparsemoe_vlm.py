@@ -5,6 +5,7 @@ offline: a byte-level BPE tokenizer trained on your own texts."""
 
 from collections.abc import Iterable
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import MultiModalData, ProcessorMixin
@@ -56,8 +57,6 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
     `<|end|>` (EOS, closes each chat turn), `<unk>`, `<image>` and the chat role markers. Any text can be
     encoded (byte-level), words never seen in training just take more tokens.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
     specials = BUILT_TOKENIZER_SPECIAL_TOKENS
     if vocab_size < len(specials) + 256:
         raise ValueError(f"`vocab_size` ({vocab_size}) must be at least {len(specials) + 256}: "

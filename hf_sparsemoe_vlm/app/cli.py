@@ -144,7 +144,6 @@ def parse_train_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, Tr
 
 def resolve_prompt_order(data_args: DataArguments) -> str:
     """The prompt order a run trains with; the deprecated `--image_after_question` still chooses a fixed one."""
-
     if data_args.image_after_question is not None:
         data_args.prompt_order = "question_first" if data_args.image_after_question else "image_first"
         data_args.image_after_question = None
@@ -155,7 +154,6 @@ def resolve_prompt_order(data_args: DataArguments) -> str:
 
 def load_data(data_args: DataArguments, seed: int):
     """The train / validation / test splits `data_args` names, and where each comes from (one line per split)."""
-
     if data_args.dataset == "synthetic":
         if data_args.eval_dataset or data_args.test_dataset:
             raise ValueError("--eval_dataset / --test_dataset take data on disk; the synthetic set generates its own "
@@ -183,7 +181,6 @@ def _print_splits(dataset, origins: dict[str, str]) -> None:
 def _build_model_and_processor(model_args: ModelArguments, train_split):
     """Load a checkpoint, or build the preset (optionally as its dense baseline) with a tokenizer trained on the
     training texts."""
-
     if model_args.model_name_or_path:
         return (SparseMoEVLMForConditionalGeneration.from_pretrained(model_args.model_name_or_path),
                 SparseMoEVLMProcessor.from_pretrained(model_args.model_name_or_path))
@@ -231,7 +228,6 @@ def _training_settings(training_args: TrainingArguments) -> dict:
 def _vision_pretraining(model, processor, model_args: ModelArguments, data_args: DataArguments,
                         training_args: TrainingArguments, resuming: bool) -> None:
     """Resolve the stage-0 defaults and run it. A resumed run skips it: its tower comes from the checkpoint."""
-
     steps = model_args.vision_pretraining_steps
     if steps is None:
         steps = DEFAULT_VISION_PRETRAINING_STEPS if (
@@ -259,7 +255,6 @@ def _vision_pretraining(model, processor, model_args: ModelArguments, data_args:
 
 def train(argv: list[str]) -> dict[str, float]:
     """Run `sparsemoe-vlm train`; returns the final metrics."""
-
     model_args, data_args, training_args = parse_train_args(argv)
     hub_dataset_ids(data_args.dataset_hub_id)  # a bad id is an error now, not after training
     set_seed(training_args.seed)
@@ -470,7 +465,6 @@ def evaluate(argv: list[str]) -> dict[str, float]:
     """Run `sparsemoe-vlm evaluate MODEL_DIR`: score a saved model on a split of any dataset `train` reads (by
     default the data and settings of the run that wrote MODEL_DIR) in one or both prompt orders; write the metrics
     JSON and, with --update_card, the run's metrics and model card. Returns the metrics."""
-
     argv = list(argv)
     if argv and not argv[0].startswith("-"):
         argv = ["--model_dir", argv.pop(0)] + argv

@@ -58,8 +58,6 @@ def _from_json(path: Path, image_column: str) -> Dataset:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ValueError(f"{path}: cannot be read as a JSON list of rows (or JSONL, one row per line); it is empty "
                          f"or malformed ({reason}).") from None
-    if len(rows) == 0:
-        raise ValueError(f"{path}: expected a JSON list of rows (or JSONL, one row per line), found none.")
     conversations = "conversations" in rows.column_names
 
     def prepare(row: dict, index: int) -> dict:

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 from ..modeling_sparsemoe_vlm import ROUTER_CLASSES, SparseMoEVLMExpertGroup
 from .training import ROUTING_LOG_PREFIX, ROUTING_STATISTICS, routing_log_key
@@ -82,9 +84,6 @@ def _human(count: float) -> str:
 def hub_dataset_ids(ids: str | None, option: str = "--dataset_hub_id") -> list[str] | None:
     """`"org/a, org/b"` -> `["org/a", "org/b"]` (None when empty), each checked to be a Hub repo id: the card's
     `datasets` metadata takes ids, and a local path there would be published."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
     parts = [part.strip() for part in (ids or "").split(",") if part.strip()]
     for part in parts:
         try:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from transformers import Trainer, TrainerCallback
 from transformers.integrations import TensorBoardCallback
 
@@ -129,9 +129,9 @@ def pretrain_vision_tower(model, image_processor, batches, num_labels: int, lear
     (CLIP, SigLIP) plays in LLaVA-style models when no pretrained weights can be used.
 
     A temporary linear head classifies every image token's features (`get_image_features(...).vision_tokens`, before
-    the projector) into one of `num_labels` classes with cross-entropy; the head is discarded afterwards. `batches` yields
-    `(images, labels)`: a list of images and, per image, `image_seq_length` integer labels in the order of the image
-    tokens (row by row; -100 ignores a cell), e.g. `synthetic_shapes.patch_label_batches`. Returns the loss of
+    the projector) into one of `num_labels` classes with cross-entropy; the head is discarded afterwards. `batches`
+    yields `(images, labels)`: a list of images and, per image, `image_seq_length` integer labels in the order of the
+    image tokens (row by row; -100 ignores a cell), e.g. `synthetic_shapes.patch_label_batches`. Returns the loss of
     every step. Image tokens that each carry their own object's identity let the decoder bind question words to the
     right tokens from the start, which end-to-end training from pixels does not find on its own
     (`benchmarks/binding_diagnostics.py`).
@@ -512,8 +512,6 @@ def plot_expert_load(expert_load: dict[str, torch.Tensor], path: str | Path, lay
     sparse layer, one column per expert; each cell is the percentage of the group's token-to-expert assignments in
     that layer that went to the expert (a row sums to 100%; the uniform share is 100 / experts). The colour scale,
     shared by the panels, is drawn on the right."""
-    from PIL import ImageFont
-
     if not expert_load:
         raise ValueError("No expert load to plot: the run recorded no routing statistics.")
     shares = {group: 100 * counts.float() / counts.float().sum(-1, keepdim=True).clamp(min=1)

@@ -458,7 +458,6 @@ def write_converted_checkpoint(
     An interruption leaves at most the hidden `.<name>.partial-<pid>` folder (and, killed mid `--overwrite` swap,
     the previous checkpoint set aside as `.<name>.old-<pid>`), never a checkpoint that looks complete; the next
     conversion into the same folder cleans both up. A failed check raises and removes the staging folder."""
-
     output_dir = check_output_dir(output_dir, overwrite).resolve()
     staging = output_dir.parent / f".{output_dir.name}.partial-{os.getpid()}"
     if staging.exists():
