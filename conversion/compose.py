@@ -25,7 +25,22 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+from hf_sparsemoe_vlm import (
+    SparseMoEVLMConfig,
+    SparseMoEVLMForConditionalGeneration,
+    SparseMoEVLMImageProcessor,
+    SparseMoEVLMProcessor,
+)
+from hf_sparsemoe_vlm.conversion import scripts
+from hf_sparsemoe_vlm.conversion.upcycling import (
+    SUPPORTED_TEXT_MODEL_TYPES,
+    add_upcycling_arguments,
+    sparse_text_config_from_dense,
+    upcycle_decoder_state_dict,
+    upcycling_options,
+)
 from hf_sparsemoe_vlm.processing_sparsemoe_vlm import IMAGE_TOKEN
 
 
@@ -33,10 +48,9 @@ TOLERANCE = 1e-5
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hf_sparsemoe_vlm.conversion.upcycling import add_output_arguments, add_upcycling_arguments
-
-    parser = argparse.ArgumentParser(prog="compose.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = scripts.conversion_parser("compose.py", __doc__, dtype_help=(
+        "dtype of the written weights (auto: the one the language model's config.json records, float32 if none). "
+        "The checks against the parts then use their weights rounded to this dtype."))
     parser.add_argument("--vision", required=True, help="Folder of a pretrained vision encoder (+ image processor).")
     parser.add_argument("--language_model", required=True, help="Folder of a Llama-family causal LM + tokenizer.")
     parser.add_argument("--image_size", type=int, default=None,
@@ -47,7 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="default: drop class/register tokens; full: keep them.")
     parser.add_argument("--projector_hidden_act", default="gelu")
     add_upcycling_arguments(parser)
-    add_output_arguments(parser)
     return parser
 
 
@@ -58,10 +71,6 @@ def vision_config_of(config):
 
 def check_inputs(vision_dir: Path, lm_dir: Path):
     """Validate both folders from their configs, before loading any weight."""
-    from transformers import AutoConfig
-
-    from hf_sparsemoe_vlm.conversion.upcycling import SUPPORTED_TEXT_MODEL_TYPES
-
     for name, folder in (("--vision", vision_dir), ("--language_model", lm_dir)):
         if not (folder / "config.json").is_file():
             raise ValueError(f"{name} {folder} has no config.json; pass a saved model folder.")
@@ -81,11 +90,7 @@ def vision_half(model):
 def load_vision_weights(tower, vision_dir: Path):
     """Copy the encoder's weights into `tower` (built from the same config) and return the loaded encoder. Pooling
     heads the VLM never uses are left out; anything missing or not fitting raises."""
-    from transformers import AutoModel
-
-    from hf_sparsemoe_vlm.conversion.upcycling import load_source
-
-    encoder = vision_half(load_source("the vision encoder", vision_dir, lambda: AutoModel.from_pretrained(
+    encoder = vision_half(scripts.load_source("the vision encoder", vision_dir, lambda: AutoModel.from_pretrained(
         vision_dir, dtype=torch.float32))).eval()
     state, target = encoder.state_dict(), tower.state_dict()
     missing = sorted(set(target) - set(state))
@@ -100,39 +105,23 @@ def load_vision_weights(tower, vision_dir: Path):
 
 def compose(args):
     """Build the composed model, its processor, and the LM / encoder used to check it."""
-    from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
-
-    from hf_sparsemoe_vlm import (
-        SparseMoEVLMConfig,
-        SparseMoEVLMForConditionalGeneration,
-        SparseMoEVLMImageProcessor,
-        SparseMoEVLMProcessor,
-    )
-    from hf_sparsemoe_vlm.conversion.upcycling import (
-        load_source,
-        sparse_text_config_from_dense,
-        upcycle_decoder_state_dict,
-        upcycling_options,
-    )
-
     vision_dir, lm_dir = Path(args.vision), Path(args.language_model)
     vision_config, lm_config = check_inputs(vision_dir, lm_dir)
-    tokenizer = load_source("the tokenizer", lm_dir, lambda: AutoTokenizer.from_pretrained(lm_dir))
+    tokenizer = scripts.load_source("the tokenizer", lm_dir, lambda: AutoTokenizer.from_pretrained(lm_dir))
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    lm = load_source("the language model", lm_dir, lambda: AutoModelForCausalLM.from_pretrained(
+    lm = scripts.load_source("the language model", lm_dir, lambda: AutoModelForCausalLM.from_pretrained(
         lm_dir, dtype=torch.float32)).eval()
     old_vocab = lm.config.vocab_size
-    vocab_size = max(old_vocab, len(tokenizer))
 
     text_config = sparse_text_config_from_dense(lm_config, **upcycling_options(args))
-    text_config.vocab_size = vocab_size
+    text_config.vocab_size = old_vocab
     image_size = args.image_size or getattr(vision_config, "image_size", None) or 224
     config = SparseMoEVLMConfig(
-        vision_config=vision_config.to_dict(), text_config=text_config, image_token_id=image_token_id,
-        image_size=image_size, projector_hidden_act=args.projector_hidden_act,
-        vision_feature_layer=args.vision_feature_layer,
+        # the image token id is set once the embeddings have its row (below)
+        vision_config=vision_config.to_dict(), text_config=text_config, image_token_id=0, image_size=image_size,
+        projector_hidden_act=args.projector_hidden_act, vision_feature_layer=args.vision_feature_layer,
         vision_feature_select_strategy=args.vision_feature_select_strategy,
         tie_word_embeddings=text_config.tie_word_embeddings,
     )
@@ -142,18 +131,15 @@ def compose(args):
     lm_state = lm.state_dict()
     decoder = upcycle_decoder_state_dict({k[len("model."):]: v for k, v in lm_state.items() if k.startswith("model.")},
                                          text_config, noise_std=args.noise_std, seed=args.seed)
-    lm_head = lm_state.get("lm_head.weight", decoder["embed_tokens.weight"])
-    if vocab_size > old_vocab:  # new rows (the image token) start at the mean of the existing ones
-        grow = vocab_size - old_vocab
-        decoder["embed_tokens.weight"] = torch.cat(
-            [decoder["embed_tokens.weight"], decoder["embed_tokens.weight"].mean(0, keepdim=True).repeat(grow, 1)])
-        lm_head = torch.cat([lm_head, lm_head.mean(0, keepdim=True).repeat(grow, 1)])
     missing, unexpected = model.model.language_model.load_state_dict(decoder, strict=False)
     missing = [k for k in missing if not k.endswith("laplace_inv_scale")]
     if missing or unexpected:
         raise ValueError(f"Decoder weights do not match: missing {missing[:5]}, unexpected {unexpected[:5]}.")
     if not config.tie_word_embeddings:
-        model.lm_head.weight.data.copy_(lm_head)
+        model.lm_head.weight.data.copy_(lm_state["lm_head.weight"])
+    if len(tokenizer) > old_vocab:  # the image token's rows, sampled close to the mean of the existing ones
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    model.config.image_token_id = image_token_id
     encoder = load_vision_weights(model.model.vision_tower, vision_dir)
     model.eval()
 
@@ -174,9 +160,7 @@ def check_against_parts(model, lm, encoder, old_vocab: int, exact: bool,
                         dtype: torch.dtype = torch.float32) -> dict[str, str]:
     """Text logits against the LM (over its vocabulary) and image features against the encoder; `model` runs in
     float32 with its weights stored in `dtype`."""
-    from hf_sparsemoe_vlm.conversion.upcycling import logits_tolerance, verification_inputs
-
-    inputs = verification_inputs(model.config)
+    inputs = scripts.verification_inputs(model.config)
     text_ids = inputs["input_ids"][:, model.config.image_seq_length:]
     with torch.no_grad():
         reference_logits = lm(input_ids=text_ids).logits
@@ -186,69 +170,50 @@ def check_against_parts(model, lm, encoder, old_vocab: int, exact: bool,
         ours = model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True).hidden_states
         layer = model.config.vision_feature_layer
         vision_difference = (reference[layer] - ours[layer]).abs().max().item()
-    text_tolerance = logits_tolerance(dtype, reference_logits)
+    text_tolerance = scripts.logits_tolerance(dtype, reference_logits)
     if exact and text_difference >= text_tolerance:
         raise RuntimeError(f"The composed model's text logits differ from the LM's by {text_difference:.3g} (>= "
                            f"{text_tolerance:.3g}).")
     if vision_difference >= TOLERANCE:  # the tower is copied as is: exact in any dtype
-        raise RuntimeError(f"The composed vision tower's features differ from the encoder's by {vision_difference:.3g}.")
+        raise RuntimeError(f"The composed vision tower's features differ from the encoder's by "
+                           f"{vision_difference:.3g}.")
     return {"max abs text logit difference vs LM": f"{text_difference:.2e}", "logit tolerance": f"{text_tolerance:.2e}",
             "max abs feature difference vs encoder": f"{vision_difference:.2e}"}
 
 
-def convert(argv: list[str] | None = None) -> Path:
-    from transformers import AutoConfig
-
-    from hf_sparsemoe_vlm.conversion.upcycling import (
-        check_output_dir,
-        output_dtype,
-        parameter_summary,
-        round_parameters,
-        write_converted_checkpoint,
-    )
-
-    args = build_parser().parse_args(argv)
+def convert(args: argparse.Namespace) -> Path:
+    """Compose, check against the parts and write the folder `args` describe; returns the written folder."""
     started = time.time()
-    output_dir = check_output_dir(args.output, args.overwrite,
+    output_dir = scripts.check_output_dir(args.output, args.overwrite,
                                   sources={"--vision": args.vision, "--language_model": args.language_model})
     model, processor, lm, encoder, old_vocab = compose(args)
-    dtype = output_dtype(args.dtype, AutoConfig.from_pretrained(args.language_model))
+    dtype = scripts.output_dtype(args.dtype, AutoConfig.from_pretrained(args.language_model))
     # Written in `dtype`; checked against the parts with their weights rounded the same way.
-    round_parameters(lm, dtype)
-    round_parameters(encoder, dtype)
+    scripts.round_parameters(lm, dtype)
+    scripts.round_parameters(encoder, dtype)
     model.to(dtype)
-    checks: dict[str, str] = {}
 
-    def verify(reloaded) -> None:
-        checks.update(check_against_parts(reloaded.float(), lm, encoder, old_vocab, exact=args.noise_std == 0,
-                                           dtype=dtype))
+    def verify(reloaded) -> dict[str, str]:  # runs on the written checkpoint, before it is moved into place
+        return check_against_parts(reloaded.float(), lm, encoder, old_vocab, exact=args.noise_std == 0, dtype=dtype)
 
     conversion = (f"composed from the vision encoder `{args.vision}` and the language model `{args.language_model}` "
                   f"(layers {model.config.text_config.sparse_layer_indices} upcycled; new projector)")
-    write_converted_checkpoint(
-        model, processor, output_dir, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
-        per_expert_layout=args.per_expert_layout, verify=verify,
-        card_kwargs={"model_id": args.model_id or output_dir.resolve().name, "base_model": args.base_model,
-                     "conversion": conversion},
+    scripts.finish_conversion(
+        model, processor, args, title=f"Composed {args.vision} + {args.language_model} -> {output_dir}",
+        rows=[("vision encoder", f"{model.config.vision_config.model_type}, {model.config.image_seq_length} image "
+                                 "tokens"),
+              ("language model", f"{lm.config.model_type}, vocabulary {old_vocab} -> "
+                                 f"{model.config.text_config.vocab_size}"),
+              ("image token", f"{processor.image_token!r} = id {model.config.image_token_id}")],
+        conversion=conversion, verify=verify, started=started,
         conversion_info={"base_model": args.base_model, "method": conversion, "vision": args.vision,
                          "language_model": args.language_model, "noise_std": args.noise_std, "seed": args.seed,
                          "dtype": str(dtype).removeprefix("torch.")})
-    print(parameter_summary(model, f"Composed {args.vision} + {args.language_model} -> {output_dir}", [
-        ("vision encoder", f"{model.config.vision_config.model_type}, {model.config.image_seq_length} image tokens"),
-        ("language model", f"{lm.config.model_type}, vocabulary {old_vocab} -> {model.config.text_config.vocab_size}"),
-        ("image token", f"{processor.image_token!r} = id {model.config.image_token_id}"),
-        *checks.items(),
-        ("dtype", str(dtype).removeprefix("torch.")),
-        ("layout", "per-expert tensors" if args.per_expert_layout else "fused expert tensors"),
-        ("time", f"{time.time() - started:.1f} s"),
-    ]))
     return output_dir
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hf_sparsemoe_vlm.conversion.upcycling import run_conversion_script
-
-    return run_conversion_script(convert, argv)
+    return scripts.run_conversion_script(build_parser(), convert, argv)
 
 
 if __name__ == "__main__":

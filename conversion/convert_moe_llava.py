@@ -45,12 +45,12 @@ Qwen):
                                                      -> ...mlp.text_moe.experts.down_proj (E, H, I)
   model.norm / transformer.ln_f, lm_head             -> model.language_model.norm, lm_head    (+ <image> row)
 
-Every source tensor must be used (non-persistent buffers such as `rotary_emb.inv_freq` and CLIP `position_ids`,
-which some old checkpoints carry, are recomputed and dropped); anything else is an error. Renaming is an explicit
-function (the Qwen qkv split, the image-token row and the per-tensor shape checks need custom code); the experts are
-fused by running the operations of the checkpoint conversion mapping the model registers with Transformers
-(`MergeModulelist` + `Concatenate`, what `from_pretrained` applies to a per-expert checkpoint), so importing and
-loading build the fused tensors the same way.
+The mapping above is data (`moe_llava_weight_mapping`: Transformers `WeightRenaming` / `WeightConverter` rules, the
+last of them the expert-fusing rules the model registers for per-expert checkpoints); Transformers' loading applies
+it, and the same rules run backwards over the model's parameters name every tensor the checkpoint must hold, at its
+shape. Every source tensor must be used (non-persistent buffers such as `rotary_emb.inv_freq` and CLIP
+`position_ids`, which some old checkpoints carry, are recomputed and dropped); anything else is an error raised
+before loading. Only the config translation is code.
 
 Supported backbones (decoders a Llama-family decoder reproduces exactly: RMSNorm, SwiGLU MLP, full rotary,
 separate or splittable q/k/v projections): `moe_llava_llama`, `moe_llava_mistral`, `moe_llava_qwen1_5` (Qwen2) and
@@ -66,16 +66,59 @@ with k = 1 the weight is the softmax probability (top1gating).
 """
 
 import argparse
+import copy
 import json
 import math
 import re
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
+from tokenizers import AddedToken
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+)
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+from transformers.core_model_loading import (
+    Chunk,
+    WeightConverter,
+    WeightRenaming,
+    WeightTransform,
+    convert_and_load_state_dict_in_model,
+    dot_natural_key,
+    rename_source_key,
+    revert_weight_conversion,
+)
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from transformers.initialization import no_init_weights
+from transformers.modeling_utils import LoadStateDictConfig
 
-from hf_sparsemoe_vlm.processing_sparsemoe_vlm import IMAGE_TOKEN
+from hf_sparsemoe_vlm import (
+    SparseMoEVLMConfig,
+    SparseMoEVLMForConditionalGeneration,
+    SparseMoEVLMImageProcessor,
+    SparseMoEVLMProcessor,
+)
+from hf_sparsemoe_vlm.conversion.scripts import (
+    OUTPUT_DTYPES,
+    check_output_dir,
+    conversion_parser,
+    finish_conversion,
+    parameter_summary,
+    run_conversion_script,
+)
+from hf_sparsemoe_vlm.conversion.upcycling import sparse_text_config_from_dense
+from hf_sparsemoe_vlm.processing_sparsemoe_vlm import CHAT_TEMPLATE, IMAGE_TOKEN
 
 
 DEFAULT_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
@@ -202,12 +245,13 @@ def moe_settings(config: dict) -> dict:
     if len(experts) != len(layers):
         raise ConversionError(f"moe.num_experts has {len(experts)} entries for {len(layers)} MoE layers.")
     if len(set(experts)) != 1:
-        raise ConversionError(f"MoE layers with different expert counts ({dict(zip(layers, experts, strict=True))}) are not "
-                              "supported: SparseMoE-VLM uses one expert count for every sparse layer.")
+        raise ConversionError(f"MoE layers with different expert counts ({dict(zip(layers, experts, strict=True))}) "
+                              "are not supported: SparseMoE-VLM uses one expert count for every sparse layer.")
     top_k = int(moe.get("top_k_experts", 2))
     if not 1 <= top_k <= experts[0]:
         raise ConversionError(f"moe.top_k_experts={top_k} is not in [1, num_experts={experts[0]}].")
-    return {"layers": sorted(layers), "mode": mode, "num_experts": experts[0], "top_k": top_k, "ep_size": int(moe.get("ep_size", 1)),
+    return {"layers": sorted(layers), "mode": mode, "num_experts": experts[0], "top_k": top_k,
+            "ep_size": int(moe.get("ep_size", 1)),
             "capacity_factor": moe.get("capacity_factor"), "eval_capacity_factor": moe.get("eval_capacity_factor"),
             "min_capacity": moe.get("min_capacity"), "router_aux_loss_coef": float(moe.get("router_aux_loss_coef",
                                                                                              0.01))}
@@ -263,8 +307,6 @@ def load_weights(input_dir: Path) -> dict[str, torch.Tensor]:
     for path in files:
         try:
             if path.suffix == ".safetensors":
-                from safetensors.torch import load_file
-
                 part = load_file(path)
             else:
                 part = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -297,8 +339,6 @@ def _clean(config: dict) -> dict:
 
 def dense_text_config(config: dict, backbone: str, notes: list[str]):
     """A Transformers Llama / Mistral / Qwen2 config describing the MoE-LLaVA decoder (without its experts)."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
-
     if backbone == "qwen":
         hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
         if int(config.get("kv_channels", hidden // heads)) * heads != hidden:
@@ -349,8 +389,6 @@ def _clip_heads(width: int) -> int | None:
 def vision_config_from(tower_state: dict[str, torch.Tensor], settings: dict, vision_tower_dir: Path | None):
     """The CLIPVisionConfig of the image tower: from `--vision_tower` when given, else inferred from the tensor
     shapes (openai CLIP conventions); checked against the tensors either way."""
-    from transformers import AutoConfig, CLIPVisionConfig
-
     if vision_tower_dir is not None:
         loaded = AutoConfig.from_pretrained(vision_tower_dir)
         if loaded.model_type == "clip":
@@ -395,183 +433,127 @@ def vision_config_from(tower_state: dict[str, torch.Tensor], settings: dict, vis
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Weights
+# Weights: the mapping is data; Transformers' loading applies it
 
 
-class _Source:
-    """The source state dict: `take` pops a tensor (checking its shape) and records where it went."""
-
-    def __init__(self, state: dict[str, torch.Tensor]):
-        self.remaining = dict(state)
-        self.key_map: dict[str, list[str]] = {}
-
-    def take(self, key: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-        if key not in self.remaining:
-            raise ConversionError(f"The checkpoint has no tensor {key!r}.")
-        tensor = self.remaining.pop(key)
-        if shape is not None and tuple(tensor.shape) != tuple(shape):
-            raise ConversionError(f"{key} has shape {tuple(tensor.shape)}, expected {tuple(shape)}.")
-        return tensor
-
-    def maybe(self, key: str, shape: tuple[int, ...] | None = None) -> torch.Tensor | None:
-        return self.take(key, shape) if key in self.remaining else None
-
-    def record(self, target: str, sources: list[str]) -> None:
-        self.key_map[target] = sources
-
-
-def _expert_indices(source: _Source, prefix: str) -> list[int]:
-    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
-    return sorted({int(m.group(1)) for k in source.remaining if (m := pattern.match(k))})
-
-
-def fuse_experts(gate: list[torch.Tensor], up: list[torch.Tensor], down: list[torch.Tensor]
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-expert `(I, H)` gate / up and `(H, I)` down projections -> the fused `(E, 2I, H)` / `(E, H, I)` expert
-    tensors, through the operations of the checkpoint conversion mapping the model registers with Transformers."""
-    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-
-    import hf_sparsemoe_vlm.modeling_sparsemoe_vlm  # noqa: F401  (registers the "sparsemoe_vlm" mapping)
-
-    projections = {"gate_proj": gate, "up_proj": up, "down_proj": down}
-    fused: dict[str, torch.Tensor] = {}
-    for rule in get_checkpoint_conversion_mapping("sparsemoe_vlm"):
-        # Source patterns look like `_moe.experts.*.gate_proj.weight`: one list of per-expert tensors each.
-        tensors = {pattern: projections[pattern.split(".")[-2]] for pattern in rule.source_patterns}
-        for operation in rule.operations:
-            tensors = operation.convert(tensors, rule.source_patterns, rule.target_patterns)
-        fused.update(tensors)
-    return fused["_moe.experts.gate_up_proj"], fused["_moe.experts.down_proj"]
-
-
-def map_state_dict(source: _Source, backbone: str, dense, moe: dict, vision_settings: dict,
-                   tower_prefix_out: str) -> dict[str, torch.Tensor]:
-    """MoE-LLaVA tensors -> SparseMoE-VLM tensors (every shape checked against the decoder config)."""
+def moe_llava_weight_mapping(backbone: str, tower_prefix: str) -> list[WeightTransform]:
+    """MoE-LLaVA key names -> SparseMoE-VLM key names, as Transformers conversion rules. Loading applies every
+    renaming that matches, in order, then at most one converter: Qwen-1's fused `c_attn` split into q/k/v, or the rules
+    the model registers for one-tensor-per-expert checkpoints, which fuse DeepSpeed's experts. `expected_checkpoint`
+    runs the same rules backwards."""
     root = "transformer." if backbone == "qwen" else "model."
-    hidden, vocab = dense.hidden_size, dense.vocab_size
-    heads, kv_heads = dense.num_attention_heads, dense.num_key_value_heads
-    head_dim = getattr(dense, "head_dim", None) or hidden // heads
-    inter = dense.intermediate_size
-    out: dict[str, torch.Tensor] = {}
-
-    def put(target: str, tensor: torch.Tensor, sources: list[str]) -> None:
-        out[target] = tensor
-        source.record(target, sources)
-
-    # Vision tower: every tensor as is.
-    tower_in = f"{root}image_tower.image_tower.vision_model."
-    for key in sorted(k for k in source.remaining if k.startswith(tower_in)):
-        if _DROPPABLE_BUFFERS.search(key):
-            source.take(key)
-            continue
-        put(tower_prefix_out + key[len(tower_in):], source.take(key), [key])
-
-    # Projector (mlp2x_gelu = Linear, GELU, Linear).
-    proj = f"{root}mm_projector.image_spatial_proj."
-    mm_hidden = source.remaining.get(proj + "0.weight", torch.empty(0, 0)).shape[-1]
-    if vision_settings["mm_hidden_size"] is not None and mm_hidden != vision_settings["mm_hidden_size"]:
-        raise ConversionError(f"{proj}0.weight takes {mm_hidden} features but mm_hidden_size is "
-                              f"{vision_settings['mm_hidden_size']}.")
-    for index, name, in_features in ((0, "linear_1", mm_hidden), (2, "linear_2", hidden)):
-        for kind, shape in (("weight", (hidden, in_features)), ("bias", (hidden,))):
-            key = f"{proj}{index}.{kind}"
-            put(f"model.multi_modal_projector.{name}.{kind}", source.take(key, shape), [key])
-
     lm = "model.language_model."
-    embed_key = f"{root}wte.weight" if backbone == "qwen" else f"{root}embed_tokens.weight"
-    put(lm + "embed_tokens.weight", source.take(embed_key, (vocab, hidden)), [embed_key])
-    norm_key = f"{root}ln_f.weight" if backbone == "qwen" else f"{root}norm.weight"
-    put(lm + "norm.weight", source.take(norm_key, (hidden,)), [norm_key])
-    if dense.tie_word_embeddings:
-        head = source.maybe("lm_head.weight", (vocab, hidden))
-        if head is not None and not torch.equal(head, out[lm + "embed_tokens.weight"]):
-            raise ConversionError("tie_word_embeddings=True but lm_head.weight differs from the input embeddings.")
+    rules: list[WeightTransform] = [
+        WeightRenaming(f"^{root}image_tower.image_tower.vision_model.", tower_prefix),
+        # mlp2x_gelu = Sequential(Linear, GELU, Linear)
+        WeightRenaming(f"^{root}mm_projector.image_spatial_proj.0.", "model.multi_modal_projector.linear_1."),
+        WeightRenaming(f"^{root}mm_projector.image_spatial_proj.2.", "model.multi_modal_projector.linear_2."),
+        # DeepSpeed's MoE layer: deepspeed_moe = MOELayer(gate=TopKGate(wg), experts=Experts(deepspeed_experts))
+        WeightRenaming("mlp.deepspeed_moe.gate.wg.", "mlp.text_moe.router."),
+        WeightRenaming("mlp.deepspeed_moe.experts.deepspeed_experts.", "mlp.text_moe.experts."),
+    ]
+    if backbone == "qwen":
+        rules += [WeightRenaming("^transformer.wte.", f"{lm}embed_tokens."),
+                  WeightRenaming("^transformer.ln_f.", f"{lm}norm."),
+                  WeightRenaming("^transformer.h.", f"{lm}layers.")]
+        decoder_rules = [
+            WeightRenaming(".ln_1.", ".input_layernorm."),
+            WeightRenaming(".ln_2.", ".post_attention_layernorm."),
+            WeightRenaming(".attn.c_proj.", ".self_attn.o_proj."),
+            # QWenMLP computes c_proj(w1(x) * silu(w2(x))): w2 is the gate, w1 the up projection.
+            WeightRenaming(".w2.weight", ".gate_proj.weight"),
+            WeightRenaming(".w1.weight", ".up_proj.weight"),
+            WeightRenaming(".c_proj.weight", ".down_proj.weight"),
+            *(WeightConverter(f"attn.c_attn.{kind}", [f"self_attn.{name}_proj.{kind}" for name in "qkv"],
+                              operations=[Chunk(dim=0)]) for kind in ("weight", "bias")),
+        ]
+        for rule in decoder_rules:  # the CLIP tower has q/k/v projections of its own: leave them alone
+            rule.scope_prefix, rule.base_model_prefix = "language_model", "model"
+        rules += decoder_rules
     else:
-        put("lm_head.weight", source.take("lm_head.weight", (vocab, hidden)), ["lm_head.weight"])
+        rules += [WeightRenaming(f"^model.{name}.", f"{lm}{name}.") for name in ("embed_tokens", "norm", "layers")]
+    return rules + get_checkpoint_conversion_mapping("sparsemoe_vlm")
 
-    attention_bias = backbone in ("qwen", "qwen1_5") or bool(getattr(dense, "attention_bias", False))
-    for i in range(dense.num_hidden_layers):
-        src = f"{root}h.{i}." if backbone == "qwen" else f"{root}layers.{i}."
-        dst = f"{lm}layers.{i}."
-        norms = (("ln_1", "ln_2") if backbone == "qwen" else ("input_layernorm", "post_attention_layernorm"))
-        for src_name, dst_name in zip(norms, ("input_layernorm", "post_attention_layernorm"), strict=True):
-            put(f"{dst}{dst_name}.weight", source.take(f"{src}{src_name}.weight", (hidden,)),
-                [f"{src}{src_name}.weight"])
-        # Attention
-        if backbone == "qwen":
-            qkv_w = source.take(f"{src}attn.c_attn.weight", (3 * hidden, hidden))
-            qkv_b = source.take(f"{src}attn.c_attn.bias", (3 * hidden,))
-            for part, name in enumerate(("q_proj", "k_proj", "v_proj")):
-                rows = slice(part * hidden, (part + 1) * hidden)
-                put(f"{dst}self_attn.{name}.weight", qkv_w[rows].clone(), [f"{src}attn.c_attn.weight"])
-                put(f"{dst}self_attn.{name}.bias", qkv_b[rows].clone(), [f"{src}attn.c_attn.bias"])
-            put(f"{dst}self_attn.o_proj.weight", source.take(f"{src}attn.c_proj.weight", (hidden, hidden)),
-                [f"{src}attn.c_proj.weight"])
-            o_bias = source.maybe(f"{src}attn.c_proj.bias", (hidden,))
-            put(f"{dst}self_attn.o_proj.bias", o_bias if o_bias is not None else qkv_w.new_zeros(hidden),
-                [f"{src}attn.c_proj.bias"] if o_bias is not None else [])
-        else:
-            shapes = {"q_proj": (heads * head_dim, hidden), "k_proj": (kv_heads * head_dim, hidden),
-                      "v_proj": (kv_heads * head_dim, hidden), "o_proj": (hidden, heads * head_dim)}
-            for name, shape in shapes.items():
-                key = f"{src}self_attn.{name}"
-                weight = source.take(key + ".weight", shape)
-                put(f"{dst}self_attn.{name}.weight", weight, [key + ".weight"])
-                if attention_bias:
-                    bias = source.maybe(key + ".bias", (shape[0],))
-                    put(f"{dst}self_attn.{name}.bias", bias if bias is not None else weight.new_zeros(shape[0]),
-                        [key + ".bias"] if bias is not None else [])
-        # MLP: (gate, up, down) source names
-        mlp_names = ("w2", "w1", "c_proj") if backbone == "qwen" else ("gate_proj", "up_proj", "down_proj")
-        mlp_shapes = ((inter, hidden), (inter, hidden), (hidden, inter))
-        if i not in moe["layers"]:
-            if any(k.startswith(f"{src}mlp.deepspeed_moe.") for k in source.remaining):
-                raise ConversionError(f"Layer {i} has DeepSpeed-MoE tensors but is not in moe_layers_idx "
+
+def expected_checkpoint(model_config: SparseMoEVLMConfig, mapping: list[WeightTransform]) -> dict[str, tuple]:
+    """The MoE-LLaVA tensors (name -> shape) a model with `model_config` is built from: the mapping run backwards over
+    the model's parameters on the meta device, as `save_pretrained(save_original_format=True)` runs it."""
+    with torch.device("meta"):
+        meta = SparseMoEVLMForConditionalGeneration._from_config(model_config)
+    meta._weight_conversions = copy.deepcopy(mapping)
+    return {key: tuple(value.shape) for key, value in revert_weight_conversion(meta, meta.state_dict()).items()}
+
+
+def check_checkpoint_tensors(state: dict[str, torch.Tensor], expected: dict[str, tuple], optional: set[str],
+                             backbone: str, moe: dict) -> None:
+    """Every tensor of `state` must be one `expected` names, at its shape; every expected one but `optional` must be
+    there. Raises `ConversionError` naming the first problems by their MoE-LLaVA names."""
+    root = "transformer.h." if backbone == "qwen" else "model.layers."
+    experts_at = re.compile(re.escape(root) + r"(\d+)\.mlp\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.")
+    found: dict[int, set[int]] = {}
+    for key in state:
+        if (match := experts_at.match(key)) or re.match(re.escape(root) + r"\d+\.mlp\.deepspeed_moe\.", key):
+            layer = int(key[len(root):].split(".")[0])
+            if layer not in moe["layers"]:
+                raise ConversionError(f"Layer {layer} has DeepSpeed-MoE tensors but is not in moe_layers_idx "
                                       f"{moe['layers']}.")
-            for src_name, dst_name, shape in zip(mlp_names, ("gate_proj", "up_proj", "down_proj"), mlp_shapes,
-                                                 strict=True):
-                key = f"{src}mlp.{src_name}.weight"
-                put(f"{dst}mlp.{dst_name}.weight", source.take(key, shape), [key])
-            continue
-        moe_prefix = f"{src}mlp.deepspeed_moe."
-        router_key = moe_prefix + "gate.wg.weight"
-        router = source.take(router_key)
-        experts_prefix = moe_prefix + "experts.deepspeed_experts."
-        found = _expert_indices(source, experts_prefix)
-        expected = list(range(moe["num_experts"]))
-        if found != expected:
+            if match:
+                found.setdefault(layer, set()).add(int(match.group(2)))
+    for layer, experts in sorted(found.items()):
+        if sorted(experts) != list(range(moe["num_experts"])):
             extra = (f" (ep_size={moe['ep_size']}: a checkpoint saved on one expert-parallel rank holds only its "
                      "local experts)") if moe["ep_size"] > 1 else ""
-            raise ConversionError(f"Layer {i} has experts {found} but moe.num_experts is {moe['num_experts']}"
-                                  f"{extra}.")
-        if tuple(router.shape) != (moe["num_experts"], hidden):
-            raise ConversionError(f"{router_key} has shape {tuple(router.shape)}, expected "
-                                  f"({moe['num_experts']}, {hidden}) (num_experts, hidden_size).")
-        put(f"{dst}mlp.text_moe.router.weight", router, [router_key])
-        gates, ups, downs, gate_up_src, down_src = [], [], [], [], []
-        for e in expected:
-            keys = [f"{experts_prefix}{e}.{name}.weight" for name in mlp_names]
-            gate, up, down = (source.take(key, shape) for key, shape in zip(keys, mlp_shapes, strict=True))
-            bias = [k for k in source.remaining if k.startswith(f"{experts_prefix}{e}.") and k.endswith(".bias")]
-            if bias:
-                raise ConversionError(f"Expert biases ({bias[0]}) are not supported: the fused experts have none.")
-            gates.append(gate)
-            ups.append(up)
-            downs.append(down)
-            gate_up_src += keys[:2]
-            down_src.append(keys[2])
-        gate_up, down = fuse_experts(gates, ups, downs)
-        put(f"{dst}mlp.text_moe.experts.gate_up_proj", gate_up, gate_up_src)
-        put(f"{dst}mlp.text_moe.experts.down_proj", down, down_src)
-
-    for key in [k for k in source.remaining if _DROPPABLE_BUFFERS.search(k)]:
-        source.take(key)
-    if source.remaining:
-        left = sorted(source.remaining)
-        raise ConversionError(f"{len(left)} tensor(s) of the checkpoint are not used by the conversion: {left[:8]}"
-                              + (" ..." if len(left) > 8 else "") + ". Is this a MoE-LLaVA "
+            raise ConversionError(f"Layer {layer} has experts {sorted(experts)} but moe.num_experts is "
+                                  f"{moe['num_experts']}{extra}.")
+    unused = sorted(set(state) - set(expected))
+    biases = [key for key in unused if experts_at.match(key) and key.endswith(".bias")]
+    if biases:
+        raise ConversionError(f"Expert biases ({biases[0]}) are not supported: the fused experts have none.")
+    if unused:
+        raise ConversionError(f"{len(unused)} tensor(s) of the checkpoint are not used by the conversion: "
+                              f"{unused[:8]}" + (" ..." if len(unused) > 8 else "") + ". Is this a MoE-LLaVA "
                               f"{BACKBONE_TITLES[backbone]} checkpoint?")
-    return out
+    wrong = [f"{key} has shape {tuple(state[key].shape)}, expected {expected[key]}"
+             for key in sorted(state) if tuple(state[key].shape) != expected[key]]
+    if wrong:
+        raise ConversionError("; ".join(wrong[:4]) + ".")
+    missing = sorted(set(expected) - set(state) - optional)
+    if missing:
+        raise ConversionError(f"The checkpoint has no tensor {missing[0]!r}" + (
+            f" (nor {len(missing) - 1} more)" if len(missing) > 1 else "") + ".")
+
+
+def source_key_map(keys, mapping: list[WeightTransform]) -> dict[str, list[str]]:
+    """Target key -> the checkpoint keys it is built from (in order), by the renaming loading applies."""
+    mapping = copy.deepcopy(mapping)  # matching marks the rules as used
+    renamings = [rule for rule in mapping if isinstance(rule, WeightRenaming)]
+    converters = [rule for rule in mapping if isinstance(rule, WeightConverter)]
+    key_map: dict[str, list[str]] = {}
+    for key in sorted(keys, key=dot_natural_key):
+        target, pattern = rename_source_key(key, renamings, converters)
+        converter = next((rule for rule in converters if pattern in rule.source_patterns), None)
+        targets = [target] if converter is None else \
+            [target.replace(converter.target_patterns[0], name) for name in converter.target_patterns]
+        for name in targets:
+            key_map.setdefault(name, []).append(key)
+    return key_map
+
+
+def load_checkpoint_tensors(model: SparseMoEVLMForConditionalGeneration, state: dict[str, torch.Tensor],
+                            mapping: list[WeightTransform]) -> set[str]:
+    """Load `state` into `model` through `mapping` with Transformers' own loading (what `from_pretrained` runs);
+    returns the model keys the checkpoint did not provide."""
+    info, _ = convert_and_load_state_dict_in_model(
+        model, state, LoadStateDictConfig(weight_mapping=copy.deepcopy(mapping), dtype=model.dtype))
+    # Loading remembers the rules it used so that saving writes the original format back; this model saves as itself.
+    del model._weight_conversions
+    problems = [*(f"unexpected {key}" for key in sorted(info.unexpected_keys)),
+                *(f"{key} loaded as {tuple(got)} but the model has {tuple(want)}" for key, got, want in
+                  sorted(info.mismatched_keys)),
+                *(f"{key}: {error}" for key, error in info.conversion_errors.items()), *info.error_msgs]
+    if problems:  # the checks before loading should make this unreachable
+        raise ConversionError(f"Loading the mapped tensors failed: {problems[:4]}.")
+    return set(info.missing_keys)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -604,21 +586,21 @@ def moe_llava_chat_template(image_token: str) -> str:
     )
 
 
-def add_image_token(tokenizer, image_token: str, embed: torch.Tensor, head: torch.Tensor | None, notes: list[str]
-                    ) -> tuple[int, torch.Tensor, torch.Tensor | None, str]:
+def add_image_token(tokenizer, image_token: str, model: SparseMoEVLMForConditionalGeneration, notes: list[str]
+                    ) -> tuple[int, str]:
     """Give the tokenizer a real image token (MoE-LLaVA splices images at the id -200, which no vocabulary has) and
-    the embedding / LM head a row for it, initialised with the mean embedding. Returns (id, embed, head, how)."""
-    from tokenizers import AddedToken
-
+    the model's embeddings / LM head a row for it near the mean embedding. Returns (id, how)."""
+    embed = model.get_input_embeddings().weight
+    rows = embed.shape[0]
     if image_token in tokenizer.get_vocab():
         token_id = tokenizer.convert_tokens_to_ids(image_token)
-        if token_id >= embed.shape[0]:
-            raise ConversionError(f"The tokenizer's {image_token!r} has id {token_id}, outside the "
-                                  f"{embed.shape[0]}-row embedding matrix.")
-        return token_id, embed, head, f"{image_token} (existing token) id {token_id}"
-    if len(tokenizer) > embed.shape[0]:
-        raise ConversionError(f"The tokenizer has {len(tokenizer)} tokens but the embedding matrix only "
-                              f"{embed.shape[0]} rows: is it the checkpoint's tokenizer?")
+        if token_id >= rows:
+            raise ConversionError(f"The tokenizer's {image_token!r} has id {token_id}, outside the {rows}-row "
+                                  "embedding matrix.")
+        return token_id, f"{image_token} (existing token) id {token_id}"
+    if len(tokenizer) > rows:
+        raise ConversionError(f"The tokenizer has {len(tokenizer)} tokens but the embedding matrix only {rows} rows: "
+                              "is it the checkpoint's tokenizer?")
     try:
         tokenizer.add_tokens([AddedToken(image_token, special=True, normalized=False)], special_tokens=True)
     except Exception as error:  # e.g. tiktoken-based tokenizers that cannot add tokens
@@ -627,28 +609,22 @@ def add_image_token(tokenizer, image_token: str, embed: torch.Tensor, head: torc
     token_id = tokenizer.convert_tokens_to_ids(image_token)
     if len(tokenizer(image_token, add_special_tokens=False)["input_ids"]) != 1:
         raise ConversionError(f"{image_token!r} does not encode to a single token after adding it.")
-    rows = embed.shape[0]
-    mean_embed = embed[: min(rows, token_id)].float().mean(0).to(embed.dtype)
-    mean_head = head[: min(rows, token_id)].float().mean(0).to(head.dtype) if head is not None else None
     if token_id >= rows:
-        grow = token_id + 1 - rows
-        embed = torch.cat([embed, mean_embed.expand(grow, -1)], 0)
-        head = torch.cat([head, mean_head.expand(grow, -1)], 0) if head is not None else None
-        how = f"{image_token} added, id {token_id}; embeddings {rows} -> {rows + grow} rows (mean-initialised)"
-    else:  # padded vocabulary: the row exists but no token reached it
-        embed = embed.clone()
-        embed[token_id] = mean_embed
-        if head is not None:
-            head = head.clone()
-            head[token_id] = mean_head
-        how = f"{image_token} added, id {token_id} (spare row of the padded {rows}-row vocabulary, mean-initialised)"
-        notes.append(f"{image_token} took the unused embedding row {token_id} of the padded vocabulary.")
-    return token_id, embed, head, how
+        with torch.random.fork_rng(devices=[]):  # mean resizing samples near the mean: the same rows every run
+            torch.manual_seed(0)
+            model.resize_token_embeddings(token_id + 1, mean_resizing=True)
+        return token_id, (f"{image_token} added, id {token_id}; embeddings {rows} -> {token_id + 1} rows "
+                          "(resize_token_embeddings, mean_resizing)")
+    # Padded vocabulary: the row exists but no token reached it; start it at the mean of the rows before it.
+    with torch.no_grad():
+        for matrix in {id(m): m for m in (embed, model.get_output_embeddings().weight)}.values():
+            matrix[token_id] = matrix[:token_id].float().mean(0).to(matrix.dtype)
+    notes.append(f"{image_token} took the unused embedding row {token_id} of the padded vocabulary.")
+    return token_id, f"{image_token} added, id {token_id} (spare row of the padded {rows}-row vocabulary, " \
+                     "mean-initialised)"
 
 
 def _image_mean_std(vision_tower_dir: Path | None) -> tuple[list[float], list[float]]:
-    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-
     if vision_tower_dir is not None and (vision_tower_dir / "preprocessor_config.json").is_file():
         values = json.loads((vision_tower_dir / "preprocessor_config.json").read_text())
         return list(values.get("image_mean", OPENAI_CLIP_MEAN)), list(values.get("image_std", OPENAI_CLIP_STD))
@@ -684,24 +660,7 @@ def convert(
 ) -> ConversionResult:
     """Convert the MoE-LLaVA checkpoint in `input_dir`; write it to `output_dir` when given (nothing is written
     unless every check passes). Raises `ConversionError` (a `ValueError`) for inputs that cannot be converted."""
-    from transformers import AutoTokenizer
-    from transformers.initialization import no_init_weights
-
-    from hf_sparsemoe_vlm import (
-        SparseMoEVLMConfig,
-        SparseMoEVLMForConditionalGeneration,
-        SparseMoEVLMImageProcessor,
-        SparseMoEVLMProcessor,
-    )
-    from hf_sparsemoe_vlm.conversion.upcycling import (
-        OUTPUT_DTYPES,
-        check_output_dir,
-        parameter_summary,
-        sparse_text_config_from_dense,
-        write_converted_checkpoint,
-    )
-    from hf_sparsemoe_vlm.processing_sparsemoe_vlm import CHAT_TEMPLATE
-
+    started = time.time()
     input_dir = Path(input_dir)
     if not input_dir.is_dir():
         raise ConversionError(f"Input folder {input_dir} does not exist.")
@@ -731,12 +690,11 @@ def convert(
         notes.append("MoE-LLaVA pads images to a square (image_aspect_ratio='pad') before CLIP preprocessing; the "
                      "image processor here resizes, so pad non-square images yourself for identical inputs.")
 
-    # 2. Weights.
-    state = load_weights(input_dir)
+    # 2. Weights, the vision config they imply, the tokenizer.
+    state = {k: v for k, v in load_weights(input_dir).items() if not _DROPPABLE_BUFFERS.search(k)}
     root = "transformer." if backbone == "qwen" else "model."
     tower_in = f"{root}image_tower.image_tower.vision_model."
-    tower_state = {k[len(tower_in):]: v for k, v in state.items()
-                   if k.startswith(tower_in) and not _DROPPABLE_BUFFERS.search(k)}
+    tower_state = {k[len(tower_in):]: v for k, v in state.items() if k.startswith(tower_in)}
     vision_config = vision_config_from(tower_state, vision_settings, vision_tower)
     num_states = vision_config.num_hidden_layers + 1
     if not -num_states <= vision_settings["feature_layer"] < num_states:
@@ -746,33 +704,7 @@ def convert(
     if embed_key not in state:
         raise ConversionError(f"The checkpoint has no {embed_key}: not a MoE-LLaVA {BACKBONE_TITLES[backbone]} "
                               "checkpoint.")
-    if dtype == "auto":
-        torch_dtype = state[embed_key].dtype
-    else:
-        torch_dtype = OUTPUT_DTYPES[dtype]
-
-    # The target layout of the tower in this Transformers version (`vision_model.` prefix or not).
-    from transformers import AutoModel
-
-    with torch.device("meta"):
-        tower_keys = set(AutoModel.from_config(vision_config).state_dict())
-    tower_prefix_out = "model.vision_tower." + ("vision_model." if any(k.startswith("vision_model.")
-                                                                         for k in tower_keys) else "")
-    source = _Source(state)
-    mapped = map_state_dict(source, backbone, dense, moe, vision_settings, tower_prefix_out)
-    num_source_tensors = len(state)
-    if not tower_state:  # weights from --vision_tower
-        from transformers import CLIPVisionModel
-
-        tower_model = CLIPVisionModel.from_pretrained(vision_tower, config=vision_config)
-        prefix = "model.vision_tower."
-        for key, value in tower_model.state_dict().items():
-            mapped[prefix + key] = value
-            source.record(prefix + key, [f"{vision_tower}:{key}"])
-        notes.append(f"Image-tower weights taken from {vision_tower} (the checkpoint has none).")
-        del tower_model
-
-    # 3. Tokenizer and the image token.
+    torch_dtype = state[embed_key].dtype if dtype == "auto" else OUTPUT_DTYPES[dtype]
     tokenizer_dir = Path(tokenizer) if tokenizer is not None else input_dir
     try:
         # config=: the decoder's own config picks the tokenizer class when tokenizer_config.json names none (the
@@ -781,20 +713,11 @@ def convert(
     except Exception as error:
         raise ConversionError(f"Cannot load a tokenizer from {tokenizer_dir} ({type(error).__name__}: {error}); "
                               "pass --tokenizer (and --trust_remote_code for tokenizers that ship code).") from error
-    lm = "model.language_model."
-    head = mapped.get("lm_head.weight")
-    image_token_id, embed, head, token_how = add_image_token(tok, image_token, mapped[lm + "embed_tokens.weight"],
-                                                             head, notes)
-    mapped[lm + "embed_tokens.weight"] = embed
-    source.key_map[lm + "embed_tokens.weight"] = [embed_key]
-    if head is not None:
-        mapped["lm_head.weight"] = head
-    dense.vocab_size = embed.shape[0]
     for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
         if getattr(dense, name, None) is None and getattr(tok, name, None) is not None:
             setattr(dense, name, getattr(tok, name))
 
-    # 4. Config and model.
+    # 3. The model config (the one part of the conversion that is code), checked against the tensors.
     text_config = sparse_text_config_from_dense(
         dense, sparse_layers=moe["layers"], num_experts=moe["num_experts"], num_image_experts=0,
         num_shared_experts=0, num_experts_per_tok=moe["top_k"], router_type="topk",
@@ -803,37 +726,65 @@ def convert(
     # DeepSpeed top1gating weighs the expert by its softmax probability; top2gating renormalises over the two.
     text_config.norm_topk_prob = moe["top_k"] > 1
     model_config = SparseMoEVLMConfig(
-        vision_config=vision_config.to_dict(), text_config=text_config, image_token_id=image_token_id,
+        # the image token id is set once the tokenizer and the embeddings have it (step 5)
+        vision_config=vision_config.to_dict(), text_config=text_config, image_token_id=0,
         image_size=vision_config.image_size, projector_hidden_act="gelu",
         vision_feature_layer=vision_settings["feature_layer"],
         vision_feature_select_strategy=vision_settings["select_strategy"], multimodal_projector_bias=True,
         tie_word_embeddings=bool(dense.tie_word_embeddings),
     )
-    with no_init_weights():
-        model = SparseMoEVLMForConditionalGeneration._from_config(model_config, dtype=torch_dtype)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    with torch.device("meta"):  # the target layout of the tower in this Transformers version
+        tower_keys = AutoModel.from_config(vision_config).state_dict()
+    tower_prefix = "model.vision_tower." + ("vision_model." if any(k.startswith("vision_model.") for k in tower_keys)
+                                            else "")
+    mapping = moe_llava_weight_mapping(backbone, tower_prefix)
+    expected = expected_checkpoint(model_config, mapping)
+    # Absent tensors the model can do without: a Qwen o_proj bias (zero), a tower from --vision_tower, a tied head.
+    optional = {k for k in expected if re.search(r"\.(attn\.c_proj|self_attn\.o_proj|self_attn\.[qkv]_proj)\.bias$", k)
+                and (backbone.startswith("qwen") or getattr(dense, "attention_bias", False))}
+    if not tower_state:
+        optional |= {k for k in expected if k.startswith(tower_in)}
     if model_config.tie_word_embeddings:
+        head = state.pop("lm_head.weight", None)
+        if head is not None and not torch.equal(head, state[embed_key]):
+            raise ConversionError("tie_word_embeddings=True but lm_head.weight differs from the input embeddings.")
         expected.pop("lm_head.weight", None)
-    missing = sorted(set(expected) - set(mapped))
-    unexpected = sorted(set(mapped) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(mapped) if tuple(mapped[k].shape) != expected[k])
-    if missing or unexpected or wrong:
-        raise ConversionError(
-            "The converted tensors do not fit the SparseMoE-VLM model: "
-            + "; ".join(part for part in (
-                f"missing {missing[:6]}" if missing else "", f"unexpected {unexpected[:6]}" if unexpected else "",
-                "wrong shapes " + ", ".join(f"{k} {tuple(mapped[k].shape)} != {expected[k]}" for k in wrong[:6])
-                if wrong else "") if part))
-    cast = [k for k, v in mapped.items() if v.is_floating_point() and v.dtype != torch_dtype]
-    if any(k.endswith("router.weight") and mapped[k].dtype == torch.float32 for k in cast):
+    check_checkpoint_tensors(state, expected, optional, backbone, moe)
+    cast = {v.dtype for k, v in state.items() if v.is_floating_point() and k.endswith("gate.wg.weight")}
+    if torch.float32 in cast and torch_dtype != torch.float32:
         notes.append(f"DeepSpeed keeps the gates (wg) in float32; the routers are stored in "
                      f"{str(torch_dtype).removeprefix('torch.')} here.")
-    model.load_state_dict(mapped, strict=not model_config.tie_word_embeddings, assign=False)
+
+    # 4. The model, loaded by Transformers through the mapping.
+    with no_init_weights():
+        model = SparseMoEVLMForConditionalGeneration._from_config(model_config, dtype=torch_dtype)
+    num_source_tensors = len(state)
+    key_map = source_key_map(state, mapping)
+    not_loaded = load_checkpoint_tensors(model, state, mapping)
+    del state
     if model_config.tie_word_embeddings:
         model.tie_weights()
-    model.eval()
+        not_loaded.discard("lm_head.weight")
+    with torch.no_grad():
+        # The decoder's absent attention biases (Qwen's o_proj) are zero, as in a projection without one.
+        for key in sorted(k for k in not_loaded if k.startswith("model.language_model.") and k.endswith("_proj.bias")):
+            model.get_parameter(key).zero_()
+            not_loaded.discard(key)
+    if not tower_state:  # weights from --vision_tower
+        tower_model = CLIPVisionModel.from_pretrained(vision_tower, config=vision_config, dtype=torch_dtype)
+        model.model.vision_tower.load_state_dict(tower_model.state_dict())
+        for key in tower_model.state_dict():
+            key_map["model.vision_tower." + key] = [f"{vision_tower}:{key}"]
+            not_loaded.discard("model.vision_tower." + key)
+        notes.append(f"Image-tower weights taken from {vision_tower} (the checkpoint has none).")
+        del tower_model
+    if not_loaded:
+        raise ConversionError(f"The checkpoint leaves {sorted(not_loaded)[:6]} unset.")
 
-    # 5. Processor.
+    # 5. The image token, the processor.
+    image_token_id, token_how = add_image_token(tok, image_token, model, notes)
+    model.config.image_token_id = image_token_id
+    model.eval()
     mean, std = _image_mean_std(vision_tower)
     image_processor = SparseMoEVLMImageProcessor(size={"height": model_config.image_size,
                                                        "width": model_config.image_size},
@@ -847,7 +798,7 @@ def convert(
     if processor.image_token_id != image_token_id:
         raise ConversionError(f"Processor image token id {processor.image_token_id} != {image_token_id}.")
 
-    # 6. Summary.
+    # 6. Writing and the summary.
     base_model = base_model or _base_model_id(input_dir)
     k = moe["top_k"]
     rows = [
@@ -861,79 +812,63 @@ def convert(
                          f"{model_config.image_size}px, feature layer {vision_settings['feature_layer']}, "
                          f"{model_config.image_seq_length} image tokens"),
         ("image token", token_how),
-        ("dtype", str(torch_dtype).removeprefix("torch.")),
     ]
-    result = ConversionResult(model=model, processor=processor, summary="", key_map=source.key_map, notes=notes)
-    if output_dir is not None:
-        conversion_info = {
-            "base_model": base_model, "method": "moe-llava import", "source": str(input_dir),
-            "moe_llava_model_type": model_type, "backbone": backbone, "moe": moe,
-            "vision_tower": vision_settings["tower"], "image_token": image_token, "image_token_id": image_token_id,
-            "notes": notes,
-        }
-        card_kwargs = {"model_id": model_id or Path(output_dir).name, "base_model": base_model,
-                       "conversion": "converted from MoE-LLaVA (DeepSpeed-MoE) weights"}
-        result.output_dir = write_converted_checkpoint(
-            model, processor, output_dir, overwrite=overwrite, max_shard_size=max_shard_size,
-            per_expert_layout=per_expert_layout, card_kwargs=card_kwargs, conversion_info=conversion_info)
-        checked = "weights identical" + (", logits within 1e-5" if torch_dtype == torch.float32 else "")
-        rows += [("written checkpoint", f"{result.output_dir} (re-loaded: {checked})"),
-                 ("layout", "per-expert tensors" if per_expert_layout else "fused expert tensors")]
-    result.summary = parameter_summary(model, "MoE-LLaVA -> SparseMoE-VLM", rows)
-    if notes:
-        result.summary += "\nnotes:\n" + "\n".join(f"  - {note}" for note in notes)
-    if not quiet:  # printed once the written checkpoint has passed its checks
-        print(result.summary)
+    result = ConversionResult(model=model, processor=processor, summary="", key_map=key_map, notes=notes)
+    title = "MoE-LLaVA -> SparseMoE-VLM"
+    if output_dir is None:
+        result.summary = parameter_summary(model, title, [*rows, ("dtype", str(torch_dtype).removeprefix("torch."))],
+                                           notes)
+        return result
+    output = argparse.Namespace(output=output_dir, overwrite=overwrite, max_shard_size=max_shard_size,
+                                per_expert_layout=per_expert_layout, model_id=model_id, base_model=base_model)
+    conversion_info = {
+        "base_model": base_model, "method": "moe-llava import", "source": str(input_dir),
+        "moe_llava_model_type": model_type, "backbone": backbone, "moe": moe,
+        "vision_tower": vision_settings["tower"], "image_token": image_token, "image_token_id": image_token_id,
+        "notes": notes,
+    }
+    result.summary = finish_conversion(
+        model, processor, output, title=title, rows=rows, conversion="converted from MoE-LLaVA (DeepSpeed-MoE) weights",
+        conversion_info=conversion_info, started=started, notes=notes, quiet=quiet)
+    result.output_dir = Path(output_dir).resolve()
     return result
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from hf_sparsemoe_vlm.conversion.upcycling import OUTPUT_DTYPES, add_output_arguments
-
-    parser = argparse.ArgumentParser(
-        prog="convert_moe_llava.py",
-        description=(
-            "Convert a MoE-LLaVA checkpoint (PKU-YuanGroup/MoE-LLaVA: DeepSpeed-MoE experts, moe_llava_llama / "
-            "_mistral / _qwen1_5 / _qwen backbones, CLIP tower, mlp2x_gelu projector) into a SparseMoE-VLM folder "
-            "with its processor. Every expert is mapped to one pool of top-k routed experts (num_image_experts=0). "
-            "MoE-LLaVA marks images with the id -200, which no vocabulary has: the converted tokenizer gets a real "
-            "image token (--image_token, added as a special token) and the embedding matrix and LM head get a row "
-            "for it, initialised with the mean embedding; config.image_token_id is set to it. StableLM, Phi-2 and "
-            "MiniCPM backbones are rejected (not Llama-family decoders). Nothing is written unless every check "
-            "passes; the written folder is re-loaded and verified before it is moved into place."),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+def main(argv: list[str] | None = None) -> int:
+    parser = conversion_parser(
+        "convert_moe_llava.py",
+        "Convert a MoE-LLaVA checkpoint (PKU-YuanGroup/MoE-LLaVA: DeepSpeed-MoE experts, moe_llava_llama / _mistral "
+        "/ _qwen1_5 / _qwen backbones, CLIP tower, mlp2x_gelu projector) into a SparseMoE-VLM folder with its "
+        "processor. Every expert is mapped to one pool of top-k routed experts (num_image_experts=0). MoE-LLaVA marks "
+        "images with the id -200, which no vocabulary has: the converted tokenizer gets a real image token "
+        "(--image_token, added as a special token) and the embedding matrix and LM head get a row for it near the "
+        "mean embedding (resize_token_embeddings with mean_resizing); config.image_token_id is set to it. StableLM, "
+        "Phi-2 and MiniCPM backbones are rejected (not Llama-family decoders). Nothing is written unless every check "
+        "passes; the written folder is re-loaded and verified before it is moved into place.",
+        dtype_help="dtype of the written weights (auto: the checkpoint's embedding dtype).")
     parser.add_argument("--input", required=True, help="MoE-LLaVA checkpoint folder (config.json, weights, tokenizer).")
-    add_output_arguments(parser)  # --output, --overwrite, --max_shard_size, --per_expert_layout, --model_id, ...
     parser.add_argument("--vision_tower", default=None,
                         help="Local folder of the CLIP model named by mm_image_tower (e.g. a download of "
                              "openai/clip-vit-large-patch14-336): its config.json describes the tower, its weights are "
-                             "used when the checkpoint has none, its preprocessor_config.json gives the image mean/std. "
-                             "Without it the tower config is inferred from the tensors (openai CLIP conventions).")
+                             "used when the checkpoint has none, its preprocessor_config.json gives the image "
+                             "mean/std. Without it the tower config is inferred from the tensors (openai CLIP conventions).")
     parser.add_argument("--tokenizer", default=None, help="Tokenizer folder (default: --input).")
     parser.add_argument("--trust_remote_code", action="store_true",
                         help="Allow tokenizers that ship their own code (Qwen's tiktoken tokenizer).")
     parser.add_argument("--image_token", default=IMAGE_TOKEN,
-                        help="Image placeholder token: added to the tokenizer (one new embedding row) unless it already "
-                             "exists; for tokenizers that cannot add tokens pass an existing special token.")
-    parser.add_argument("--dtype", default="auto", choices=("auto", *OUTPUT_DTYPES),
-                        help="dtype of the written weights (auto: the checkpoint's embedding dtype).")
+                        help="Image placeholder token: added to the tokenizer (one new embedding row) unless it "
+                             "already exists; for tokenizers that cannot add tokens pass an existing special token.")
     parser.add_argument("--chat_template", default="moe-llava", choices=("moe-llava", "package"),
                         help="Processor chat template: MoE-LLaVA's 'SYSTEM USER: <image>\\n... ASSISTANT:' format, "
                              "or this package's <|user|> template.")
-    return parser.parse_args(argv)
 
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
+    def run(args) -> None:
         convert(args.input, args.output, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
                 per_expert_layout=args.per_expert_layout, vision_tower=args.vision_tower, tokenizer=args.tokenizer,
                 image_token=args.image_token, dtype=args.dtype, chat_template=args.chat_template,
                 base_model=args.base_model, model_id=args.model_id, trust_remote_code=args.trust_remote_code)
-    except (ConversionError, ValueError, KeyError, OSError, RuntimeError) as error:
-        raise SystemExit(f"error: {error}") from None
-    return 0
+
+    return run_conversion_script(parser, run, argv)
 
 
 if __name__ == "__main__":

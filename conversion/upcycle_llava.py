@@ -23,28 +23,32 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+
+from hf_sparsemoe_vlm import SparseMoEVLMImageProcessor, SparseMoEVLMProcessor
+from hf_sparsemoe_vlm.conversion import scripts
+from hf_sparsemoe_vlm.conversion.upcycling import (
+    SUPPORTED_TEXT_MODEL_TYPES,
+    add_upcycling_arguments,
+    upcycle_llava,
+    upcycling_options,
+)
 
 
 SUPPORTED_VISION_TOWERS = ("clip_vision_model", "siglip_vision_model")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hf_sparsemoe_vlm.conversion.upcycling import add_output_arguments, add_upcycling_arguments
-
-    parser = argparse.ArgumentParser(prog="upcycle_llava.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = scripts.conversion_parser("upcycle_llava.py", __doc__, dtype_help=(
+        "dtype of the written weights (auto: the one the LLaVA config.json records, float32 if none). The checks "
+        "against LLaVA then use its weights rounded to this dtype."))
     parser.add_argument("--input", required=True, help="LlavaForConditionalGeneration folder (model + processor).")
     add_upcycling_arguments(parser)
-    add_output_arguments(parser)
     return parser
 
 
 def check_input(input_dir: Path):
     """Validate the LLaVA folder from its config alone, before loading any weight."""
-    from transformers import AutoConfig
-
-    from hf_sparsemoe_vlm.conversion.upcycling import SUPPORTED_TEXT_MODEL_TYPES
-
     if not (input_dir / "config.json").is_file():
         raise ValueError(f"{input_dir} has no config.json; pass a LLaVA checkpoint folder.")
     config = AutoConfig.from_pretrained(input_dir)
@@ -67,8 +71,6 @@ def check_input(input_dir: Path):
 
 def processor_from_llava(llava_processor, config):
     """Our processor with LLaVA's tokenizer, chat template and image normalisation at the tower's resolution."""
-    from hf_sparsemoe_vlm import SparseMoEVLMImageProcessor, SparseMoEVLMProcessor
-
     source = llava_processor.image_processor
     image_processor = SparseMoEVLMImageProcessor(
         size={"height": config.image_size, "width": config.image_size},
@@ -86,9 +88,7 @@ def processor_from_llava(llava_processor, config):
 def compare_with_dense(dense, converted, config, exact: bool, dtype: torch.dtype = torch.float32) -> dict[str, str]:
     """Logits and greedy tokens of the converted model (run in float32, its weights stored in `dtype`) against the
     dense one; raises when `exact` and they differ."""
-    from hf_sparsemoe_vlm.conversion.upcycling import logits_tolerance, verification_inputs
-
-    inputs = verification_inputs(config)
+    inputs = scripts.verification_inputs(config)
     with torch.no_grad():
         reference = dense(**inputs).logits
         difference = (reference - converted(**inputs).logits).abs().max().item()
@@ -98,7 +98,7 @@ def compare_with_dense(dense, converted, config, exact: bool, dtype: torch.dtype
         dense_tokens = dense.generate(**inputs, **greedy)
         converted_tokens = converted.generate(**inputs, **greedy)
     same_tokens = dense_tokens.shape == converted_tokens.shape and torch.equal(dense_tokens, converted_tokens)
-    tolerance = logits_tolerance(dtype, reference)
+    tolerance = scripts.logits_tolerance(dtype, reference)
     if exact and difference >= tolerance:
         raise RuntimeError(f"The upcycled model's logits differ from LLaVA's by {difference:.3g} (>= "
                            f"{tolerance:.3g}) with noise off; the conversion is wrong.")
@@ -110,68 +110,43 @@ def compare_with_dense(dense, converted, config, exact: bool, dtype: torch.dtype
             "greedy tokens equal to LLaVA": "yes" if same_tokens else "no"}
 
 
-def convert(argv: list[str] | None = None) -> Path:
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    from hf_sparsemoe_vlm.conversion.upcycling import (
-        check_output_dir,
-        load_source,
-        output_dtype,
-        parameter_summary,
-        round_parameters,
-        upcycle_llava,
-        upcycling_options,
-        write_converted_checkpoint,
-    )
-
-    args = build_parser().parse_args(argv)
+def convert(args: argparse.Namespace) -> Path:
+    """Upcycle, check against LLaVA and write the folder `args` describe; returns the written folder."""
     started = time.time()
     input_dir = Path(args.input)
-    output_dir = check_output_dir(args.output, args.overwrite, sources={"--input": args.input})
-    dtype = output_dtype(args.dtype, check_input(input_dir))
+    output_dir = scripts.check_output_dir(args.output, args.overwrite, sources={"--input": args.input})
+    dtype = scripts.output_dtype(args.dtype, check_input(input_dir))
     options = upcycling_options(args)
-    llava = load_source("the LLaVA model", input_dir, lambda: LlavaForConditionalGeneration.from_pretrained(
+    llava = scripts.load_source("the LLaVA model", input_dir, lambda: LlavaForConditionalGeneration.from_pretrained(
         input_dir, dtype=torch.float32).eval())
-    llava_processor = load_source("the LLaVA processor", input_dir, lambda: AutoProcessor.from_pretrained(input_dir))
+    llava_processor = scripts.load_source("the LLaVA processor", input_dir,
+                                          lambda: AutoProcessor.from_pretrained(input_dir))
     model = upcycle_llava(llava, noise_std=args.noise_std, seed=args.seed, **options)
     processor = processor_from_llava(llava_processor, model.config)
     # Written in `dtype`; checked against LLaVA with its weights rounded the same way (a no-op when the source was
     # stored in `dtype`), so noise-free upcycling stays exact.
-    round_parameters(llava, dtype)
+    scripts.round_parameters(llava, dtype)
     model.to(dtype)
 
-    checks: dict[str, str] = {}
-
-    def verify(reloaded) -> None:  # runs on the written checkpoint, before it is moved into place
-        checks.update(compare_with_dense(llava, reloaded.float(), model.config, exact=args.noise_std == 0,
-                                          dtype=dtype))
+    def verify(reloaded) -> dict[str, str]:  # runs on the written checkpoint, before it is moved into place
+        return compare_with_dense(llava, reloaded.float(), model.config, exact=args.noise_std == 0, dtype=dtype)
 
     conversion = (f"sparse upcycling of LLaVA: layers {model.config.text_config.sparse_layer_indices} upcycled, "
                   f"noise {args.noise_std}")
-    write_converted_checkpoint(
-        model, processor, output_dir, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
-        per_expert_layout=args.per_expert_layout, verify=verify,
-        card_kwargs={"model_id": args.model_id or output_dir.resolve().name, "base_model": args.base_model,
-                     "conversion": conversion},
+    scripts.finish_conversion(
+        model, processor, args, title=f"Upcycled {input_dir} -> {output_dir}",
+        rows=[("source text / vision model", f"{llava.config.text_config.model_type} / "
+                                             f"{llava.config.vision_config.model_type}"),
+              ("source parameters", f"{llava.num_parameters():,}")],
+        conversion=conversion, verify=verify, started=started,
         conversion_info={"base_model": args.base_model, "method": conversion, "source": str(input_dir),
                          "options": {**options, "noise_std": args.noise_std, "seed": args.seed,
                                      "dtype": str(dtype).removeprefix("torch.")}})
-    print(parameter_summary(model, f"Upcycled {input_dir} -> {output_dir}", [
-        ("source text / vision model", f"{llava.config.text_config.model_type} / "
-                                       f"{llava.config.vision_config.model_type}"),
-        ("source parameters", f"{llava.num_parameters():,}"),
-        *checks.items(),
-        ("dtype", str(dtype).removeprefix("torch.")),
-        ("layout", "per-expert tensors" if args.per_expert_layout else "fused expert tensors"),
-        ("time", f"{time.time() - started:.1f} s"),
-    ]))
     return output_dir
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hf_sparsemoe_vlm.conversion.upcycling import run_conversion_script
-
-    return run_conversion_script(convert, argv)
+    return scripts.run_conversion_script(build_parser(), convert, argv)
 
 
 if __name__ == "__main__":

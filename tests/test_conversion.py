@@ -19,12 +19,8 @@ from transformers import (
 )
 
 from hf_sparsemoe_vlm import SparseMoEVLMForConditionalGeneration, SparseMoEVLMProcessor, build_tokenizer
-from hf_sparsemoe_vlm.conversion.upcycling import (
-    parse_layer_selection,
-    sparse_text_config_from_dense,
-    upcycle_llava,
-    verification_inputs,
-)
+from hf_sparsemoe_vlm.conversion.scripts import logits_tolerance, verification_inputs, write_converted_checkpoint
+from hf_sparsemoe_vlm.conversion.upcycling import parse_layer_selection, sparse_text_config_from_dense, upcycle_llava
 
 from tiny_models import CORPUS
 
@@ -189,7 +185,6 @@ def test_upcycle_script_validates_before_writing(tmp_path, capsys):
 
 
 def test_a_failed_verification_leaves_no_checkpoint(tmp_path):
-    from hf_sparsemoe_vlm.conversion.upcycling import write_converted_checkpoint
 
     llava = save_llava(tmp_path / "llava")
     script = load_script("upcycle_llava")
@@ -313,7 +308,6 @@ def test_compose_script_end_to_end_and_its_errors(tmp_path):
 
 
 def test_an_interrupted_write_leaves_no_checkpoint(tmp_path, monkeypatch):
-    from hf_sparsemoe_vlm.conversion.upcycling import write_converted_checkpoint
 
     llava = save_llava(tmp_path / "llava")
     model = upcycle_llava(llava)
@@ -428,7 +422,6 @@ def _stored_dtypes(folder: Path) -> set[str]:
 ])
 def test_upcycle_writes_the_source_dtype_or_the_chosen_one_and_stays_exact(tmp_path, capsys, source_dtype, option,
                                                                             stored):
-    from hf_sparsemoe_vlm.conversion.upcycling import logits_tolerance
 
     llava = save_llava(tmp_path / "llava", "qwen2", "siglip")
     llava.to(source_dtype).save_pretrained(tmp_path / "llava")
@@ -456,7 +449,6 @@ def test_upcycle_writes_the_source_dtype_or_the_chosen_one_and_stays_exact(tmp_p
 
 
 def test_logits_tolerance_is_exact_in_float32_and_one_rounding_step_in_half_precision():
-    from hf_sparsemoe_vlm.conversion.upcycling import logits_tolerance
 
     logits_ = torch.tensor([[-3.0, 0.5], [2.0, 8.0]])
     assert logits_tolerance(torch.float32, logits_) == 1e-5
@@ -478,7 +470,6 @@ def test_compose_writes_the_chosen_dtype(tmp_path, capsys):
 def test_a_checkpoint_whose_weights_differ_from_the_converted_model_is_not_kept(tmp_path, monkeypatch):
     from safetensors.torch import load_file, save_file
 
-    from hf_sparsemoe_vlm.conversion.upcycling import write_converted_checkpoint
 
     llava = save_llava(tmp_path / "llava")
     model = upcycle_llava(llava)

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModel, PreTrainedTokenizerFast
 
 from hf_sparsemoe_vlm import SparseMoEVLMForConditionalGeneration
-from hf_sparsemoe_vlm.conversion.upcycling import verification_inputs
+from hf_sparsemoe_vlm.conversion.scripts import verification_inputs
 
 from tiny_models import CORPUS
 
@@ -209,6 +209,12 @@ def run_convert(input_dir, output_dir=None, vision_tower=None, **kwargs):
     return cml.convert(input_dir, output_dir, vision_tower=vision_tower, quiet=True, **kwargs)
 
 
+def cli_error(argv: list[str], capsys) -> str:
+    """Run the script's `main(argv)`: it must fail with exit status 1; returns the `error: ...` it printed."""
+    assert cml.main(argv) == 1
+    return capsys.readouterr().err.strip()
+
+
 def _tower_prefix(model) -> str:
     keys = model.state_dict()
     return "model.vision_tower.vision_model." if any(k.startswith("model.vision_tower.vision_model.") for k in keys) \
@@ -230,7 +236,7 @@ def test_help_lists_the_options_and_documents_the_image_token(capsys):
     assert "-200" in text and "mean embedding" in text
 
 
-def test_cli_subprocess_converts_and_refuses_non_empty_output(llama_checkpoint, vision_tower_dir, tmp_path):
+def test_cli_subprocess_converts_and_refuses_non_empty_output(llama_checkpoint, vision_tower_dir, tmp_path, capsys):
     input_dir, _ = llama_checkpoint
     output = tmp_path / "converted"
     command = [sys.executable, str(SCRIPT), "--input", str(input_dir), "--output", str(output),
@@ -254,9 +260,8 @@ def test_cli_subprocess_converts_and_refuses_non_empty_output(llama_checkpoint, 
 
     # A second run into the now non-empty folder, without --overwrite: non-zero exit, folder untouched.
     before = {p.name: p.read_bytes() for p in output.iterdir()}
-    with pytest.raises(SystemExit) as exit_info:
-        cml.main(command[2:])
-    assert str(exit_info.value.code).startswith("error:") and "not empty" in str(exit_info.value.code)
+    message = cli_error(command[2:], capsys)
+    assert message.startswith("error:") and "not empty" in message
     assert {p.name: p.read_bytes() for p in output.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["converted"]  # no staging folder left behind
 
@@ -297,9 +302,10 @@ def test_every_source_tensor_lands_at_its_key(llama_checkpoint, vision_tower_dir
     lm = "model.language_model."
     embed = target[lm + "embed_tokens.weight"]
     assert torch.equal(embed[:vocab], source["model.embed_tokens.weight"])
-    assert torch.allclose(embed[vocab], source["model.embed_tokens.weight"].mean(0))
+    # resize_token_embeddings(mean_resizing=True): sampled from N(mean, 1e-9 * covariance), so within ~1e-4 of it.
+    torch.testing.assert_close(embed[vocab], source["model.embed_tokens.weight"].mean(0), atol=1e-4, rtol=0)
     assert torch.equal(target["lm_head.weight"][:vocab], source["lm_head.weight"])
-    assert torch.allclose(target["lm_head.weight"][vocab], source["lm_head.weight"].mean(0))
+    torch.testing.assert_close(target["lm_head.weight"][vocab], source["lm_head.weight"].mean(0), atol=1e-4, rtol=0)
     same(lm + "norm.weight", "model.norm.weight")
     for i in range(LAYERS):
         p, s = f"{lm}layers.{i}.", f"model.layers.{i}."
@@ -456,16 +462,14 @@ def _assert_nothing_written(output: Path):
     ("moe_llava_phi", "Phi-2"),
     ("moe_llava_minicpm", "MiniCPM"),
 ])
-def test_unsupported_backbone_exits_before_writing(model_type, reason, llama_checkpoint, tmp_path):
+def test_unsupported_backbone_exits_before_writing(model_type, reason, llama_checkpoint, tmp_path, capsys):
     input_dir = tmp_path / "input"
     input_dir.mkdir()
     config = json.loads((llama_checkpoint[0] / "config.json").read_text())
     config.update(model_type=model_type, architectures=[f"EvalMoELLaVA{model_type[10:].capitalize()}ForCausalLM"])
     (input_dir / "config.json").write_text(json.dumps(config))
     output = tmp_path / "out"
-    with pytest.raises(SystemExit) as exit_info:
-        cml.main(["--input", str(input_dir), "--output", str(output)])
-    message = str(exit_info.value.code)
+    message = cli_error(["--input", str(input_dir), "--output", str(output)], capsys)
     assert message.startswith("error:") and model_type in message and reason in message
     _assert_nothing_written(output)
 
@@ -486,7 +490,7 @@ def test_unsupported_settings_are_rejected(change, match, llama_checkpoint, tmp_
     _assert_nothing_written(tmp_path / "out")
 
 
-def test_unknown_key_is_an_error(tmp_path, tokenizer_dir, vision_tower_dir):
+def test_unknown_key_is_an_error(tmp_path, tokenizer_dir, vision_tower_dir, capsys):
     input_dir = tmp_path / "extra"
     make_checkpoint(input_dir, tokenizer_dir, edit=lambda state, config: state.update(
         {"model.layers.1.mlp.deepspeed_moe.gate.wg.weight": torch.zeros(EXPERTS, HIDDEN),
@@ -499,11 +503,10 @@ def test_unknown_key_is_an_error(tmp_path, tokenizer_dir, vision_tower_dir):
     input_dir = tmp_path / "extra2"
     make_checkpoint(input_dir, tokenizer_dir, edit=lambda state, config: state.update(
         {"model.some_new_module.weight": torch.zeros(3)}))
-    with pytest.raises(SystemExit) as exit_info:
-        cml.main(["--input", str(input_dir), "--output", str(tmp_path / "out"), "--vision_tower",
-                  str(vision_tower_dir)])
-    assert "not used by the conversion" in str(exit_info.value.code)
-    assert "model.some_new_module.weight" in str(exit_info.value.code)
+    message = cli_error(["--input", str(input_dir), "--output", str(tmp_path / "out"), "--vision_tower",
+                         str(vision_tower_dir)], capsys)
+    assert "not used by the conversion" in message
+    assert "model.some_new_module.weight" in message
     _assert_nothing_written(tmp_path / "out")
 
 
@@ -520,28 +523,25 @@ def _expert(layer: int, e: int, name: str) -> str:
      r"gate\.wg\.weight has shape \(4, 33\)"),
     (lambda s, c: c.update(hidden_size=48), r"has shape .* expected"),
 ])
-def test_shape_mismatches_exit_non_zero(edit, match, tmp_path, tokenizer_dir, vision_tower_dir):
+def test_shape_mismatches_exit_non_zero(edit, match, tmp_path, tokenizer_dir, vision_tower_dir, capsys):
     input_dir = tmp_path / "bad"
     make_checkpoint(input_dir, tokenizer_dir, edit=edit)
-    with pytest.raises(SystemExit) as exit_info:
-        cml.main(["--input", str(input_dir), "--output", str(tmp_path / "out"), "--vision_tower",
-                  str(vision_tower_dir)])
-    assert str(exit_info.value.code).startswith("error:")
-    assert re.search(match, str(exit_info.value.code)), exit_info.value.code
+    message = cli_error(["--input", str(input_dir), "--output", str(tmp_path / "out"), "--vision_tower",
+                         str(vision_tower_dir)], capsys)
+    assert message.startswith("error:")
+    assert re.search(match, message), message
     _assert_nothing_written(tmp_path / "out")
 
 
 @pytest.mark.parametrize("fmt, weights", [("safetensors", "model.safetensors"), ("bin", "pytorch_model.bin")])
-def test_truncated_weight_file_is_named_and_left_alone(fmt, weights, tmp_path, tokenizer_dir, vision_tower_dir):
+def test_truncated_weight_file_is_named_and_left_alone(fmt, weights, tmp_path, tokenizer_dir, vision_tower_dir, capsys):
     input_dir = tmp_path / "truncated"
     make_checkpoint(input_dir, tokenizer_dir, fmt=fmt)
     path = input_dir / weights
     path.write_bytes(path.read_bytes()[:4000])  # an interrupted download
     before = path.read_bytes()
-    with pytest.raises(SystemExit) as exit_info:
-        cml.main(["--input", str(input_dir), "--output", str(tmp_path / "out"), "--vision_tower",
-                  str(vision_tower_dir)])
-    message = str(exit_info.value.code)
+    message = cli_error(["--input", str(input_dir), "--output", str(tmp_path / "out"), "--vision_tower",
+                         str(vision_tower_dir)], capsys)
     assert message.startswith(f"error: Could not read the weight file {path}") and "Re-download it" in message
     assert path.read_bytes() == before
     _assert_nothing_written(tmp_path / "out")
@@ -549,34 +549,44 @@ def test_truncated_weight_file_is_named_and_left_alone(fmt, weights, tmp_path, t
 
 @pytest.mark.parametrize("output", ["input", "input/converted", "tower"])
 def test_output_over_the_source_or_the_tower_is_refused_even_with_overwrite(output, llama_checkpoint,
-                                                                             vision_tower_dir):
+                                                                             vision_tower_dir, capsys):
     input_dir, _ = llama_checkpoint
     folder = {"input": input_dir, "input/converted": input_dir / "converted", "tower": vision_tower_dir}[output]
     before = {p: p.read_bytes() for p in [*input_dir.rglob("*"), *vision_tower_dir.rglob("*")] if p.is_file()}
-    with pytest.raises(SystemExit) as exit_info:
-        cml.main(["--input", str(input_dir), "--output", str(folder), "--vision_tower", str(vision_tower_dir),
-                  "--overwrite"])
-    assert "would overwrite the checkpoint being converted" in str(exit_info.value.code)
+    message = cli_error(["--input", str(input_dir), "--output", str(folder), "--vision_tower", str(vision_tower_dir),
+                         "--overwrite"], capsys)
+    assert "would overwrite the checkpoint being converted" in message
     assert {p: p.read_bytes() for p in [*input_dir.rglob("*"), *vision_tower_dir.rglob("*")] if p.is_file()} == before
 
 
-def test_experts_are_fused_by_the_models_registered_conversion_mapping():
-    """The importer fuses DeepSpeed's per-expert tensors with the operations Transformers runs when it loads a
-    per-expert checkpoint: gate_up = stack(cat(gate, up)), down = stack(down), in expert order."""
+@pytest.mark.parametrize("backbone", ["llama", "qwen"])
+def test_the_mapping_is_data_that_runs_both_ways(backbone, tmp_path, tokenizer_dir, vision_tower_dir):
+    """The key mapping is Transformers conversion rules: renamings, Qwen-1's c_attn split (Chunk) and, last, the
+    expert-fusing rules the model registers (MergeModulelist + Concatenate, what from_pretrained runs on a
+    per-expert checkpoint). Run backwards over the converted model's parameters they name exactly MoE-LLaVA's
+    tensors at their shapes."""
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-    from transformers.core_model_loading import Concatenate, MergeModulelist
+    from transformers.core_model_loading import Chunk, Concatenate, MergeModulelist, WeightConverter, WeightRenaming
 
-    rules = get_checkpoint_conversion_mapping("sparsemoe_vlm")
-    assert [[type(op) for op in rule.operations] for rule in rules] == [[MergeModulelist, Concatenate],
-                                                                         [MergeModulelist]]
-    generator = torch.Generator().manual_seed(0)
-    gate, up = ([torch.randn(6, 4, generator=generator) for _ in range(3)] for _ in range(2))
-    down = [torch.randn(4, 6, generator=generator) for _ in range(3)]
-    gate_up, fused_down = cml.fuse_experts(gate, up, down)
-    assert gate_up.shape == (3, 12, 4) and fused_down.shape == (3, 4, 6)
-    for e in range(3):
-        assert torch.equal(gate_up[e, :6], gate[e]) and torch.equal(gate_up[e, 6:], up[e])
-        assert torch.equal(fused_down[e], down[e])
+    input_dir = tmp_path / backbone
+    source = make_checkpoint(input_dir, tokenizer_dir, backbone, moe_layers=(1, 3))
+    model = run_convert(input_dir, vision_tower=vision_tower_dir).model
+    mapping = cml.moe_llava_weight_mapping(backbone, _tower_prefix(model))
+    registered = get_checkpoint_conversion_mapping("sparsemoe_vlm")
+    assert all(type(rule) in (WeightRenaming, WeightConverter) for rule in mapping)
+    assert [[type(op) for op in rule.operations] for rule in mapping[-len(registered):]] == \
+        [[MergeModulelist, Concatenate], [MergeModulelist]]
+    splits = [rule for rule in mapping[:-len(registered)] if isinstance(rule, WeightConverter)]
+    assert [[type(op) for op in rule.operations] for rule in splits] == \
+        ([[Chunk], [Chunk]] if backbone == "qwen" else [])
+
+    config = model.config
+    config.text_config.vocab_size -= 1  # the checkpoint's vocabulary, before the image token
+    expected = cml.expected_checkpoint(config, mapping)
+    assert {key: expected[key] for key in source} == {key: tuple(value.shape) for key, value in source.items()}
+    # The one extra: QWen's c_proj has no bias (no_bias=True); the converted o_proj bias starts at zero.
+    assert set(expected) - set(source) == ({f"transformer.h.{i}.attn.c_proj.bias" for i in range(LAYERS)}
+                                           if backbone == "qwen" else set())
 
 
 def test_sharded_qwen1_5_checkpoint_with_layers_from_moe_mode(tmp_path, tokenizer_dir, vision_tower_dir):
