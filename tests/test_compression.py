@@ -1,0 +1,226 @@
+"""Expert pruning and merging from routing statistics (`hf_sparsemoe_vlm.conversion.compression`) and its script
+`conversion/compress_experts.py`."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_sparsemoe_vlm import SparseMoEVLMForConditionalGeneration, SparseMoEVLMProcessor
+from hf_sparsemoe_vlm.conversion.compression import (
+    collect_expert_usage,
+    compress_experts,
+    experts_to_keep,
+    usage_summary,
+)
+
+from tiny_models import make_inputs, make_model, make_processor_and_model
+
+
+SCRIPT = Path(__file__).resolve().parents[1] / "conversion" / "compress_experts.py"
+GROUP = "model.language_model.layers.{layer}.mlp.{group}_moe."
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("compress_experts", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["compress_experts"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+compress_script = _load_script()
+
+
+def calibration(model, batches: int = 2):
+    return [make_inputs(model.config, batch_size=3, text_len=8, seed=seed, left_pad=[0, 2, 1])
+            for seed in range(batches)]
+
+
+def block_last_expert(model, router_type: str) -> None:
+    """Make the last expert of every group unreachable: a large negative router bias (top-k), or zero weights and a
+    negative bias, so its ReLU gate is always 0."""
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            for group in (layer.mlp.text_moe, layer.mlp.image_moe):
+                if router_type == "relu":
+                    group.router.weight[-1] = 0.0
+                    group.router.bias[-1] = -1.0
+                else:
+                    group.router.bias[-1] = -1e4
+
+
+def test_usage_counts_every_real_token_of_each_group_once_per_expert_used():
+    model = make_model()  # top-2 routing, text 4 experts, image 2
+    batches = calibration(model)
+    usage = collect_expert_usage(model, batches)
+    config = model.config
+    assert sorted(usage) == [(i, g) for i in config.text_config.sparse_layer_indices for g in ("image", "text")]
+    image_tokens = sum(int((b["input_ids"] == config.image_token_id).sum()) for b in batches)
+    text_tokens = sum(int(b["attention_mask"].sum()) for b in batches) - image_tokens
+    for (_, group), entry in usage.items():
+        assert entry.tokens == (image_tokens if group == "image" else text_tokens)
+        assert int(entry.counts.sum()) == 2 * entry.tokens  # top-2: every token uses exactly two experts
+        # renormalised top-k weights sum to one per token
+        torch.testing.assert_close(float(entry.mass.sum()), float(entry.tokens), rtol=1e-6, atol=1e-4)
+        assert torch.allclose(entry.logit_similarity.diagonal(), torch.ones(entry.num_experts, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("router_type", ["topk", "relu"])
+def test_pruning_experts_never_routed_to_leaves_the_outputs_unchanged(router_type):
+    overrides = {"router_bias": True, "router_type": router_type, "num_experts_per_tok": 2, "num_image_experts": 3}
+    model = make_model(seed=3, **overrides)
+    block_last_expert(model, router_type)
+    batches = calibration(model)
+    usage = collect_expert_usage(model, batches)
+    assert all(int(entry.counts[-1]) == 0 for entry in usage.values())
+    pruned = compress_experts(model, usage, {"text": 3, "image": 2}, "prune")
+    assert pruned.config.text_config.num_experts == 3 and pruned.config.text_config.num_image_experts == 2
+    assert pruned.model.language_model.layers[0].mlp.text_moe.experts.gate_up_proj.shape[0] == 3
+    with torch.no_grad():
+        for batch in batches:
+            real = batch["attention_mask"].bool()
+            torch.testing.assert_close(pruned(**batch).logits[real], model(**batch).logits[real], atol=1e-5, rtol=0)
+        # The check can fail: pruning an expert that tokens do use changes the outputs.
+        used = compress_experts(model, usage, {"text": 2, "image": 2}, "prune")
+        real = batches[0]["attention_mask"].bool()
+        assert (used(**batches[0]).logits[real] - model(**batches[0]).logits[real]).abs().max() > 1e-3
+
+
+def test_the_most_used_experts_are_kept_ties_broken_by_routing_mass():
+    model = make_model()
+    usage = collect_expert_usage(model, calibration(model))
+    entry = usage[(0, "text")]
+    entry.counts[:] = torch.tensor([5, 9, 5, 1])
+    entry.mass[:] = torch.tensor([2.0, 4.0, 3.0, 0.5])
+    assert experts_to_keep(usage, 0.5)[(0, "text")] == [1, 2]  # 9 tokens; then 5 tokens with the larger mass
+    assert experts_to_keep(usage, 0.75)[(0, "text")] == [0, 1, 2]
+    assert experts_to_keep(usage, {"text": 1, "image": 2})[(0, "text")] == [1]
+    assert experts_to_keep(usage, 0.1)[(0, "image")] == [int(usage[(0, "image")].ranking()[0])]  # at least one
+    summary = usage_summary(usage, experts_to_keep(usage, 0.5))
+    assert summary["layer0.text"]["kept"] == [1, 2] and summary["layer0.text"]["kept_mass_share"] == round(7 / 9.5, 4)
+
+
+@pytest.mark.parametrize("keep, message", [
+    (0.0, r"--keep as a fraction must be in \(0, 1\]"),
+    (1.5, r"--keep as a fraction must be in \(0, 1\]"),
+    ({"text": 2}, r"names no count for the 'image' expert group"),
+    ({"text": 5, "image": 1}, r"Cannot keep 5 of the 4 text experts"),
+    ({"text": 1, "image": 1}, r"fewer than the 2 each token uses \(num_experts_per_tok\): keep more, or lower"),
+])
+def test_bad_keep_values_are_refused_with_the_fix(keep, message):
+    model = make_model()
+    usage = collect_expert_usage(model, calibration(model, batches=1))
+    with pytest.raises(ValueError, match=message):
+        compress_experts(model, usage, keep, "prune")
+
+
+def test_statistics_of_another_model_are_refused():
+    model = make_model()
+    usage = collect_expert_usage(model, calibration(model, batches=1))
+    other = make_model(num_hidden_layers=3)
+    with pytest.raises(ValueError, match="collect them on this model"):
+        compress_experts(other, usage, 0.5, "prune")
+    with pytest.raises(ValueError, match="Unknown compression method 'average'"):
+        compress_experts(model, usage, 0.5, "average")
+
+
+def test_keeping_fewer_experts_than_the_top_k_takes_a_new_top_k():
+    model = make_model()
+    batches = calibration(model, batches=1)
+    usage = collect_expert_usage(model, batches)
+    single = compress_experts(model, usage, {"text": 1, "image": 1}, "prune", num_experts_per_tok=1)
+    assert single.config.text_config.num_experts_per_tok == 1 and single.config.text_config.num_experts == 1
+    with torch.no_grad():
+        assert torch.isfinite(single(**batches[0]).logits).all()
+
+
+def test_merging_averages_each_dropped_expert_into_its_most_similar_kept_expert_by_use():
+    model = make_model(seed=1, num_image_experts=4)
+    usage = collect_expert_usage(model, calibration(model))
+    entry = usage[(1, "text")]
+    kept = experts_to_keep(usage, 0.5)[(1, "text")]
+    similarity = entry.logit_similarity
+    targets = {d: max(kept, key=lambda k: float(similarity[d, k])) for d in range(4) if d not in kept}
+    merged = compress_experts(model, usage, 0.5, "merge")
+    pruned = compress_experts(model, usage, 0.5, "prune")
+    prefix = GROUP.format(layer=1, group="text")
+    source, result = model.state_dict(), merged.state_dict()
+    served = entry.counts.double()
+    for position, expert in enumerate(kept):
+        members = [expert] + [d for d, t in targets.items() if t == expert]
+        for name in ("experts.gate_up_proj", "experts.down_proj"):
+            expected = sum(served[m] * source[prefix + name][m].double() for m in members) / served[members].sum()
+            torch.testing.assert_close(result[prefix + name][position].double(), expected, atol=1e-6, rtol=1e-6)
+        # the router row is the kept expert's own, as in pruning
+        assert torch.equal(result[prefix + "router.weight"][position], source[prefix + "router.weight"][expert])
+    assert torch.equal(result[prefix + "router.weight"], pruned.state_dict()[prefix + "router.weight"])
+
+
+def test_merging_an_expert_nothing_used_is_pruning_it():
+    model = make_model(seed=3, router_bias=True, num_image_experts=3)
+    block_last_expert(model, "topk")
+    usage = collect_expert_usage(model, calibration(model))
+    merged = compress_experts(model, usage, {"text": 3, "image": 2}, "merge").state_dict()
+    pruned = compress_experts(model, usage, {"text": 3, "image": 2}, "prune").state_dict()
+    for key in pruned:
+        assert torch.equal(merged[key], pruned[key]), key
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    processor, model = make_processor_and_model(seed=2, num_image_experts=4)
+    folder = tmp_path_factory.mktemp("compress") / "model"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_script_writes_a_smaller_checkpoint_that_loads_and_says_how_it_was_made(saved_model, tmp_path, capsys):
+    output = tmp_path / "half"
+    assert compress_script.main(["--input", str(saved_model), "--output", str(output), "--method", "merge",
+                                 "--keep", "0.5", "--calibration_rows", "24", "--batch_size", "8",
+                                 "--base_model", "org/tiny-sparsemoe"]) == 0
+    printed = capsys.readouterr().out
+    for row in ("experts kept per group", "text 2 of 4, image 2 of 4", "calibration", "24 rows of synthetic",
+                "routing mass kept", "max abs logit change (calibration batch)", "written checkpoint"):
+        assert row in printed, row
+    model = SparseMoEVLMForConditionalGeneration.from_pretrained(output)
+    original = SparseMoEVLMForConditionalGeneration.from_pretrained(saved_model)
+    assert model.config.text_config.num_experts == 2 and model.config.text_config.num_image_experts == 2
+    assert model.num_parameters() < original.num_parameters()
+    processor = SparseMoEVLMProcessor.from_pretrained(output)
+    inputs = processor(images=[torch.zeros(3, 32, 32)], text=[f"{processor.image_token} a red circle"],
+                       return_tensors="pt")
+    assert model.generate(**inputs, max_new_tokens=2, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 2
+    info = json.loads((output / "conversion.json").read_text())
+    assert info["method"] == "merge" and info["keep"] == 0.5 and info["base_model"] == "org/tiny-sparsemoe"
+    assert info["experts"]["layer0.text"]["kept"] == sorted(info["experts"]["layer0.text"]["kept"])
+    assert len(info["experts"]["layer0.image"]["kept"]) == 2 and "24 rows of synthetic" in info["calibration_data"]
+    card = (output / "README.md").read_text()
+    assert "org/tiny-sparsemoe" in card and "expert merging" in card and "text 2 of 4, image 2 of 4" in card
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--keep", "0.5", "--method", "prune", "--calibration_rows", "0"], "--calibration_rows must be positive"),
+    (["--keep", "text=9,image=2", "--method", "prune"], "Cannot keep 9 of the 4 text experts"),
+    (["--keep", "0.5", "--method", "prune", "--calibration_data", "missing.jsonl"], "missing.jsonl"),
+])
+def test_script_bad_input_exits_1_and_writes_nothing(argv, message, saved_model, tmp_path, capsys):
+    before = {p: p.read_bytes() for p in saved_model.iterdir()}
+    output = tmp_path / "out"
+    assert compress_script.main(["--input", str(saved_model), "--output", str(output), "--calibration_rows", "8",
+                                 *argv]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error:") and message in error, error
+    assert not output.exists() and {p: p.read_bytes() for p in saved_model.iterdir()} == before
+
+
+def test_script_refuses_a_keep_it_cannot_read(saved_model, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        compress_script.main(["--input", str(saved_model), "--output", str(tmp_path / "o"), "--method", "prune",
+                              "--keep", "half"])
+    assert exit_info.value.code == 2 and "is not a fraction (0.5) or per-group counts" in capsys.readouterr().err

@@ -1,0 +1,97 @@
+"""Image-text retrieval scoring (`hf_sparsemoe_vlm.app.retrieval`) and its metrics."""
+
+import PIL.Image
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_sparsemoe_vlm.app.retrieval import retrieval_metrics, score_image_texts
+from hf_sparsemoe_vlm.app.training import VLMDataCollator
+
+from tiny_models import make_processor_and_model
+
+
+PROMPT = "Describe the image."
+IMAGES = [PIL.Image.new("RGB", (32, 32), colour) for colour in ("red", "blue", "green")]
+TEXTS = ["a red circle", "a blue square on the left of a red circle", "two green triangles", "a square"]
+
+
+@pytest.fixture(scope="module")
+def processor_and_model():
+    return make_processor_and_model(seed=4)
+
+
+def training_score(model, processor, image, text, with_image: bool = True) -> float:
+    """The mean log-probability training assigns to `text` as the answer (the collator's labels), from a full
+    forward pass of the whole conversation."""
+    collator = VLMDataCollator(processor, prompt_order="image_first")
+    if with_image:
+        batch = collator([{"image": image, "question": PROMPT, "answer": text}])
+    else:
+        messages = [{"role": "user", "content": [{"type": "text", "text": PROMPT}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": text}]}]
+        batch = processor.apply_chat_template([messages], tokenize=True, return_dict=True, return_tensors="pt",
+                                              return_assistant_tokens_mask=True)
+        batch["labels"] = batch["input_ids"].masked_fill(~batch.pop("assistant_masks").bool(), -100)
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "position_ids"}).logits
+    return -F.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100).item()
+
+
+def test_scores_are_the_training_likelihood_and_reuse_changes_nothing(processor_and_model):
+    processor, model = processor_and_model
+    scores = score_image_texts(model, processor, IMAGES, TEXTS, prompt=PROMPT, batch_size=3)
+    assert scores.shape == (3, 4)
+    for i, image in enumerate(IMAGES):
+        for t, text in enumerate(TEXTS):
+            assert scores[i, t].item() == pytest.approx(training_score(model, processor, image, text), abs=1e-5)
+    whole_pairs = score_image_texts(model, processor, IMAGES, TEXTS, prompt=PROMPT, batch_size=2,
+                                    reuse_image_computation=False)
+    torch.testing.assert_close(whole_pairs, scores, atol=1e-5, rtol=0)
+
+
+def test_alpha_divides_out_the_text_prior(processor_and_model):
+    processor, model = processor_and_model
+    plain = score_image_texts(model, processor, IMAGES, TEXTS, prompt=PROMPT)
+    half = score_image_texts(model, processor, IMAGES, TEXTS, prompt=PROMPT, alpha=0.5)
+    full = score_image_texts(model, processor, IMAGES, TEXTS, prompt=PROMPT, alpha=1.0)
+    prior = torch.tensor([training_score(model, processor, None, text, with_image=False) for text in TEXTS])
+    torch.testing.assert_close(full, plain - prior[None, :], atol=1e-5, rtol=0)
+    torch.testing.assert_close(half, plain - 0.5 * prior[None, :], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("images, texts, kwargs, message", [
+    ([], TEXTS, {}, "at least one image and one candidate text; got 0 image"),
+    (IMAGES, [], {}, "got 3 image\\(s\\) and 0 text"),
+    (IMAGES, ["a red circle", "  "], {}, "Candidate text 1 is '  '"),
+    (IMAGES, TEXTS, {"alpha": 2.0}, "alpha .* must be in \\[0, 1\\]"),
+    (IMAGES, ["a red circle", "circle " * 300], {}, "Candidate text 1 .* needs \\d+ positions .* context is 256"),
+])
+def test_bad_candidates_are_refused_by_name(images, texts, kwargs, message, processor_and_model):
+    processor, model = processor_and_model
+    with pytest.raises(ValueError, match=message):
+        score_image_texts(model, processor, images, texts, **kwargs)
+
+
+def test_metrics_count_identical_captions_as_right_and_ties_against_the_query():
+    captions = ["red circle", "blue square", "red circle"]  # images 0 and 2 share a caption
+    texts = ["red circle", "blue square", "green triangle"]
+    scores = torch.tensor([[0.9, 0.1, 0.0],    # image 0: its caption first            -> rank 1
+                           [0.5, 0.5, 0.2],    # image 1: tied with a wrong text         -> rank 2
+                           [0.1, 0.3, 0.2]])   # image 2: below two wrong texts          -> rank 3
+    metrics = retrieval_metrics(scores, captions, texts, ks=(1, 2))
+    assert metrics["image_to_text_recall@1"] == pytest.approx(1 / 3)
+    assert metrics["image_to_text_recall@2"] == pytest.approx(2 / 3)
+    assert metrics["image_to_text_mean_rank"] == pytest.approx(2.0)
+    # text -> image: "red circle" has two right images (its best is image 0 at 0.9: rank 1); "blue square" ranks
+    # image 1 (0.5) below image 2? no: column 1 is 0.1, 0.5, 0.3 -> rank 1; "green triangle" is nobody's caption.
+    assert metrics["text_to_image_queries"] == 2
+    assert metrics["text_to_image_recall@1"] == 1.0 and metrics["text_to_image_mean_rank"] == 1.0
+    # chance: image->text one right of three (1/3 at k=1); text->image "red circle" has 2 of 3 right (2/3), "blue
+    # square" 1 of 3 (1/3)
+    assert metrics["image_to_text_recall@1_chance"] == pytest.approx(1 / 3)
+    assert metrics["text_to_image_recall@1_chance"] == pytest.approx((2 / 3 + 1 / 3) / 2)
+    assert metrics["image_to_text_mean_rank_chance"] == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="Images \\[1\\] have no candidate text equal to their caption"):
+        retrieval_metrics(scores, captions, ["red circle", "x", "y"])
