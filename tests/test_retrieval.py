@@ -1,5 +1,9 @@
 """Image-text retrieval scoring (`hf_sparsemoe_vlm.app.retrieval`) and its metrics."""
 
+import copy
+import importlib.util
+from pathlib import Path
+
 import PIL.Image
 import pytest
 import torch
@@ -49,6 +53,21 @@ def test_scores_are_the_training_likelihood_and_reuse_changes_nothing(processor_
     whole_pairs = score_image_texts(model, processor, IMAGES, TEXTS, prompt=PROMPT, batch_size=2,
                                     reuse_image_computation=False)
     torch.testing.assert_close(whole_pairs, scores, atol=1e-5, rtol=0)
+
+
+def test_scores_follow_the_checkpoints_own_chat_template(processor_and_model):
+    """A converted MoE-LLaVA checkpoint's template (`... ASSISTANT: answer</s>`, generation prompt `ASSISTANT:`
+    without the space): the answer tokens are what its template marks, whatever its generation prompt looks like."""
+    script = Path(__file__).resolve().parents[1] / "conversion" / "convert_moe_llava.py"
+    spec = importlib.util.spec_from_file_location("convert_moe_llava_for_retrieval", script)
+    converter = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(converter)
+    processor, model = processor_and_model
+    processor = copy.deepcopy(processor)
+    processor.chat_template = converter.moe_llava_chat_template(processor.image_token)
+    scores = score_image_texts(model, processor, IMAGES[:1], TEXTS[:2], prompt=PROMPT)
+    for t, text in enumerate(TEXTS[:2]):
+        assert scores[0, t].item() == pytest.approx(training_score(model, processor, IMAGES[0], text), abs=1e-5)
 
 
 def test_alpha_divides_out_the_text_prior(processor_and_model):

@@ -36,13 +36,10 @@ def _conversation(prompt: str, text: str | None, with_image: bool) -> list[dict]
 
 def answer_tokens(processor: SparseMoEVLMProcessor, texts: Sequence[str], prompt: str = DEFAULT_RETRIEVAL_PROMPT,
                   with_image: bool = True) -> tuple[list[int], list[list[int]]]:
-    """The prompt's token ids up to the assistant turn (one image token standing for the image), and for every text
+    """The conversation's token ids before the answer (one image token standing for the image), and for every text
     the ids of its assistant turn: what the chat template writes and training scores."""
     tokenizer = processor.tokenizer
-    prefix_text = processor.apply_chat_template([_conversation(prompt, None, with_image)], add_generation_prompt=True,
-                                                tokenize=False)[0]
-    prefix = tokenizer(prefix_text, add_special_tokens=False)["input_ids"]
-    answers = []
+    prefix, answers = None, []
     for index, text in enumerate(texts):
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"Candidate text {index} is {text!r}: every candidate must be a non-empty string.")
@@ -50,13 +47,32 @@ def answer_tokens(processor: SparseMoEVLMProcessor, texts: Sequence[str], prompt
             _conversation(prompt, text, with_image), chat_template=processor.chat_template, tokenize=True,
             return_dict=True, return_assistant_tokens_mask=True)
         ids, mask = encoded["input_ids"], encoded["assistant_masks"]
-        start = mask.index(1) if 1 in mask else len(ids)
-        if ids[:start] != prefix:
-            raise ValueError("The chat template does not write the assistant turn after the generation prompt "
-                             "(the tokens before the answer differ from the prompt's): retrieval scoring needs a "
-                             "template whose answers continue the prompt.")
+        if 1 not in mask:
+            raise ValueError("The chat template marks no assistant tokens ({% generation %}): retrieval scores the "
+                             "answer tokens training scores, so it needs a template that marks them.")
+        start = mask.index(1)
+        if prefix is None:
+            prefix = ids[:start]
+        elif ids[:start] != prefix:
+            raise ValueError(f"Candidate text {index} changes the tokens before the answer ({text[:40]!r}): the chat "
+                             "template must write the answer after a prompt that does not depend on it.")
         answers.append([token for token, scored in zip(ids[start:], mask[start:], strict=True) if scored])
     return prefix, answers
+
+
+def _prefix_inputs(model, processor, prefix: list[int], image=None) -> dict[str, torch.Tensor]:
+    """Model inputs for the tokens before the answer: the image token expanded to the image's tokens and the
+    image's pixels, as the processor gives them."""
+    if image is not None:
+        image_token = processor.image_token_id
+        prefix = [t for token in prefix for t in ([token] * model.config.image_seq_length if token == image_token
+                                                  else [token])]
+    ids = torch.tensor([prefix], device=model.device)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if image is not None:
+        inputs["pixel_values"] = processor.image_processor([image], return_tensors="pt")["pixel_values"].to(
+            model.device)
+    return inputs
 
 
 def _check_lengths(model, prefix_length: int, answers: list[list[int]], texts: Sequence[str]) -> None:
@@ -102,21 +118,19 @@ def _answer_logprobs(model: SparseMoEVLMForConditionalGeneration, prefix_inputs:
 def _pair_logprobs(model, processor, image, prefix: list[int], answers: list[list[int]], batch_size: int
                    ) -> torch.Tensor:
     """The same scores without reuse: every (image, text) pair runs whole, the vision tower included."""
-    image_token = processor.image_token_id
-    expanded = [t for token in prefix for t in ([token] * model.config.image_seq_length if token == image_token
-                                                 else [token])]
-    pixel_values = processor.image_processor([image], return_tensors="pt")["pixel_values"].to(model.device)
+    inputs = _prefix_inputs(model, processor, prefix, image)
+    expanded = inputs["input_ids"][0].tolist()
     scores = []
     for start in range(0, len(answers), batch_size):
         chunk = answers[start:start + batch_size]
         length = len(expanded) + max(len(a) for a in chunk)
-        ids = torch.full((len(chunk), length), processor.tokenizer.pad_token_id, dtype=torch.long)
+        ids = torch.full((len(chunk), length), processor.tokenizer.pad_token_id or 0, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for row, answer in enumerate(chunk):
             ids[row, : len(expanded) + len(answer)] = torch.tensor(expanded + answer)
             mask[row, : len(expanded) + len(answer)] = 1
         logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                       pixel_values=pixel_values.expand(len(chunk), -1, -1, -1)).logits.float()
+                       pixel_values=inputs["pixel_values"].expand(len(chunk), -1, -1, -1)).logits.float()
         logprobs = logits[:, len(expanded) - 1:-1].log_softmax(-1)
         targets = ids[:, len(expanded):].to(model.device)
         scored = mask[:, len(expanded):].to(model.device)
@@ -145,13 +159,10 @@ def score_image_texts(model: SparseMoEVLMForConditionalGeneration, processor: Sp
         prefix, answers = answer_tokens(processor, texts, prompt, with_image=True)
         _check_lengths(model, len(prefix) - 1 + model.config.image_seq_length, answers, texts)
         pad = processor.tokenizer.pad_token_id or 0
-        prefix_text = processor.apply_chat_template([_conversation(prompt, None, True)], add_generation_prompt=True,
-                                                    tokenize=False)[0]
         rows = []
         for image in tqdm(images, desc="scoring images", unit="image", disable=not progress):
             if reuse_image_computation:
-                inputs = processor(images=[image], text=[prefix_text], add_special_tokens=False, return_tensors="pt")
-                rows.append(_answer_logprobs(model, {k: v.to(model.device) for k, v in inputs.items()}, answers,
+                rows.append(_answer_logprobs(model, _prefix_inputs(model, processor, prefix, image), answers,
                                              batch_size, pad))
             else:
                 rows.append(_pair_logprobs(model, processor, image, prefix, answers, batch_size))
@@ -173,9 +184,8 @@ def text_prior(model: SparseMoEVLMForConditionalGeneration, processor: SparseMoE
     try:
         prefix, answers = answer_tokens(processor, texts, prompt, with_image=False)
         _check_lengths(model, len(prefix), answers, texts)
-        ids = torch.tensor([prefix], device=model.device)
-        return _answer_logprobs(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, answers,
-                                batch_size, processor.tokenizer.pad_token_id or 0)
+        return _answer_logprobs(model, _prefix_inputs(model, processor, prefix), answers, batch_size,
+                                processor.tokenizer.pad_token_id or 0)
     finally:
         model.train(was_training)
 
