@@ -19,7 +19,12 @@ from transformers import (
 )
 
 from hf_sparsemoe_vlm import SparseMoEVLMForConditionalGeneration, SparseMoEVLMProcessor, build_tokenizer
-from hf_sparsemoe_vlm.conversion.scripts import logits_tolerance, verification_inputs, write_converted_checkpoint
+from hf_sparsemoe_vlm.conversion.scripts import (
+    check_output_dir,
+    logits_tolerance,
+    verification_inputs,
+    write_converted_checkpoint,
+)
 from hf_sparsemoe_vlm.conversion.upcycling import parse_layer_selection, sparse_text_config_from_dense, upcycle_llava
 
 from tiny_models import CORPUS
@@ -324,6 +329,38 @@ def test_an_interrupted_write_leaves_no_checkpoint(tmp_path, monkeypatch):
         write_converted_checkpoint(model, processor, tmp_path / "out")
     assert "model.safetensors" in written  # the weights had been written (to the hidden staging folder) ...
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))  # ... and are gone
+
+
+def test_leftovers_are_matched_by_exact_name_not_as_a_glob(tmp_path, capsys):
+    """A conversion into `moe[4]` must not take what a killed conversion into `moe4` set aside (a glob would match
+    `.moe4.old-<pid>` for `.moe[4].old-*`)."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    other = tmp_path / f".moe4.old-{dead.pid}"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    check_output_dir(tmp_path / "moe[4]", overwrite=False)
+    assert other.is_dir() and not (tmp_path / "moe[4]").exists() and "Restoring" not in capsys.readouterr().out
+    with pytest.raises(ValueError, match="not empty"):  # its own leftovers are still recovered (then in the way)
+        check_output_dir(tmp_path / "moe4", overwrite=False)
+    assert (tmp_path / "moe4" / "config.json").is_file() and not other.exists()
+
+
+def test_a_safetensors_error_while_writing_is_an_error_not_a_traceback(tmp_path, capsys, monkeypatch):
+    """A full disk surfaces from safetensors as SafetensorError, not OSError: the script still reports it and
+    leaves no folder."""
+    from safetensors import SafetensorError
+
+    save_llava(tmp_path / "llava")
+
+    def disk_full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(No space left on device (os error 28))")
+
+    monkeypatch.setattr(SparseMoEVLMForConditionalGeneration, "save_pretrained", disk_full)
+    script = load_script("upcycle_llava")
+    assert script.main(["--input", str(tmp_path / "llava"), "--output", str(tmp_path / "out")]) == 1
+    assert "error: Error while serializing: IoError(No space left on device" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llava"]
 
 
 @pytest.mark.parametrize("broken", ["vision", "lm"])

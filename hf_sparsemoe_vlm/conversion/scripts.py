@@ -7,6 +7,7 @@ re-loaded, verified, then moved into place) and the summary printed at the end."
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -14,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import PreTrainedConfig
 from transformers.utils.hub import convert_file_size_to_int
 
@@ -102,7 +104,7 @@ def run_conversion_script(parser: argparse.ArgumentParser, run: Callable[[argpar
     args = parser.parse_args(argv)
     try:
         run(args)
-    except (ValueError, KeyError, RuntimeError, OSError) as error:
+    except (ValueError, KeyError, RuntimeError, OSError, SafetensorError) as error:  # e.g. a full disk mid-write
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0
@@ -183,11 +185,12 @@ def _recover_interrupted_conversions(output_dir: Path) -> None:
     folder `.<name>.partial-<pid>` is deleted; a previous checkpoint `.<name>.old-<pid>` set aside by an `--overwrite`
     swap is put back when the kill left no `output_dir`, else deleted. A conversion still running into the same
     folder keeps its own."""
-    for folder in sorted(output_dir.parent.glob(f".{output_dir.name}.old-*")) + \
-            sorted(output_dir.parent.glob(f".{output_dir.name}.partial-*")):
-        pid = folder.name.rsplit("-", 1)[1]
-        if not pid.isdigit():
-            continue
+    # Matched by exact name, not by glob: a folder named `moe[4]` must not claim what a conversion into `moe4` left.
+    left_behind = re.compile(rf"\.{re.escape(output_dir.name)}\.(old|partial)-(\d+)")
+    leftovers = sorted(output_dir.parent.iterdir()) if output_dir.parent.is_dir() else []
+    for folder in sorted((f for f in leftovers if left_behind.fullmatch(f.name)),
+                         key=lambda f: left_behind.fullmatch(f.name).group(1) != "old"):  # old ones first
+        pid = left_behind.fullmatch(folder.name).group(2)
         try:
             os.kill(int(pid), 0)
             continue  # still running
