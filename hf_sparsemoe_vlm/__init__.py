@@ -23,6 +23,7 @@ from .modeling_sparsemoe_vlm import (
     SparseMoEVLMRouting,
     SparseMoEVLMTextModel,
 )
+from .placement import expert_offload_device_map
 from .processing_sparsemoe_vlm import SparseMoEVLMProcessor, build_processor, build_tokenizer
 
 
@@ -57,4 +58,5 @@ __all__ = [
     "SparseMoEVLMTextModel",
     "build_processor",
     "build_tokenizer",
+    "expert_offload_device_map",
 ]
