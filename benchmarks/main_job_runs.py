@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from hf_sparsemoe_vlm.app.model_card import results_path
+
 
 FIGURES = ("test_exact_match", "test_exact_match_image_first", "test_exact_match_question_first",
            "test_exact_match_position", "test_exact_match_position_image_first",
@@ -112,7 +114,7 @@ def main() -> None:
             if process.returncode != 0:
                 print(f"FAILED {run_key(*job)} (exit {process.returncode}); see {folder.with_suffix('.log')}")
                 continue
-            metrics = json.loads((folder / "metrics.json").read_text())
+            metrics = json.loads(results_path(folder).read_text())
             results[run_key(*job)] = {k: metrics[k] for k in FIGURES if k in metrics}
             output.parent.mkdir(parents=True, exist_ok=True)
             output.write_text(json.dumps(results, indent=2, sort_keys=True))

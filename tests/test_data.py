@@ -150,7 +150,7 @@ def test_cli_trains_on_a_json_dataset(tmp_path):
     assert main(["train", "--dataset", str(tmp_path / "data.json"), "--output_dir", str(output), "--max_steps", "3",
                  "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--max_new_tokens", "3",
                  "--save_strategy", "no", "--use_cpu", "true", "--dataset_hub_id", "org/colour-vqa"]) == 0
-    metrics = json.loads((output / "metrics.json").read_text())
+    metrics = json.loads((output / "all_results.json").read_text())
     assert "test_exact_match" in metrics and (output / "model.safetensors").exists()
     # The card names the Hub dataset in its metadata and results, and the local file only by its name.
     from huggingface_hub import ModelCard

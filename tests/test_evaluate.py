@@ -10,7 +10,7 @@ from huggingface_hub import ModelCard
 from hf_sparsemoe_vlm.app.cli import main, parse_train_args
 from hf_sparsemoe_vlm.app.training import VLMDataCollator
 
-from tiny_models import make_processor_and_model
+from tiny_models import fake_run, make_processor_and_model, to_old_layout
 
 
 TINY_RUN = ["--preset", "tiny", "--num_train_examples", "48", "--num_validation_examples", "4",
@@ -62,10 +62,10 @@ def test_nothing_to_train_points_to_evaluate(tmp_path):
 def test_epochs_count_when_no_step_count_is_given(tmp_path):
     output = tmp_path / "run"
     main(["train", "--output_dir", str(output), "--num_train_epochs", "2", *TINY_RUN])
-    history = json.loads((output / "log_history.json").read_text())
+    history = json.loads((output / "trainer_state.json").read_text())["log_history"]
     # 48 examples / 8 per step = 6 steps an epoch.
     assert history[-1]["step"] == 12 and history[-1]["epoch"] == 2.0
-    assert json.loads((output / "run_args.json").read_text())["training"]["max_steps"] == -1
+    assert json.loads((output / "training_args.json").read_text())["max_steps"] == -1
     assert "| epochs | 2 |" in (output / "README.md").read_text()
 
 
@@ -135,7 +135,7 @@ def test_deprecated_image_after_question_still_chooses_a_fixed_order():
 
 @pytest.mark.slow
 def test_train_scores_both_orders_and_evaluate_reproduces_the_figures(trained_run, capsys):
-    metrics = json.loads((trained_run / "metrics.json").read_text())
+    metrics = json.loads((trained_run / "all_results.json").read_text())
     for key in ("test_exact_match", "test_exact_match_image_first", "test_exact_match_question_first",
                 "test_exact_match_colour_image_first", "test_exact_match_count_question_first", "test_caption_bleu"):
         assert 0.0 <= metrics[key] <= 1.0, key
@@ -157,10 +157,10 @@ def test_train_scores_both_orders_and_evaluate_reproduces_the_figures(trained_ru
 
 @pytest.mark.slow
 def test_evaluate_can_update_the_card_with_one_order(trained_run):
-    before = json.loads((trained_run / "metrics.json").read_text())
+    before = json.loads((trained_run / "all_results.json").read_text())
     assert main(["evaluate", str(trained_run), "--prompt_orders", "image_first", "--update_card", "true",
                  "--metrics_file", str(trained_run / "image_first.json")]) == 0
-    after = json.loads((trained_run / "metrics.json").read_text())
+    after = json.loads((trained_run / "all_results.json").read_text())
     assert after["test_exact_match"] == pytest.approx(before["test_exact_match_image_first"])
     assert "test_exact_match_question_first" not in after and after["test_prompt_orders"] == "image_first"
     assert after["validation_loss"] == before["validation_loss"]  # Trainer's figures stay
@@ -168,7 +168,7 @@ def test_evaluate_can_update_the_card_with_one_order(trained_run):
     results = {r.metric_type: r.metric_value for r in card.data.eval_results}
     assert results["exact_match"] == round(after["test_exact_match"], 4)
     # Restore the two-order figures for the other tests of this module.
-    (trained_run / "metrics.json").write_text(json.dumps(before))
+    (trained_run / "all_results.json").write_text(json.dumps(before))
 
 
 @pytest.mark.slow
@@ -199,6 +199,34 @@ def test_evaluate_errors_name_the_problem(tmp_path):
     assert not (tmp_path / "m" / "eval_test_results.json").exists()
 
 
+def test_evaluate_reads_and_updates_an_old_layout_run_folder_as_a_new_one(tmp_path, capsys):
+    processor, model = make_processor_and_model()
+    results, cards = {}, {}
+    for layout in ("new", "old"):
+        folder = fake_run(tmp_path / layout)
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        run_args = json.loads((folder / "run_args.json").read_text())
+        run_args["data"].update(num_test_examples=3, question_types="colour,count", max_new_tokens=2)
+        (folder / "run_args.json").write_text(json.dumps(run_args))
+        if layout == "old":
+            to_old_layout(folder)
+        capsys.readouterr()
+        assert main(["evaluate", str(folder), "--update_card", "true", "--model_id", "org/m"]) == 0
+        assert "data: test 3 rows" in capsys.readouterr().out  # the run's own data settings, in either layout
+        # The results are updated where the folder keeps them, never copied under the other name.
+        kept, other = ("all_results.json", "metrics.json") if layout == "new" else ("metrics.json", "all_results.json")
+        results[layout] = json.loads((folder / kept).read_text())
+        assert not (folder / other).exists()
+        cards[layout] = (folder / "README.md").read_text()
+    assert results["new"] == results["old"]
+    # The other figures stay (Trainer's validation loss, the wall time); the split's old generation scores go.
+    assert results["old"]["validation_loss"] == 0.37 and results["old"]["train_minutes"] == 9.1
+    assert not {"test_exact_match_shape", "test_caption_bleu"} & set(results["old"])
+    assert cards["new"] == cards["old"] and f"| exact_match | test | {results['old']['test_exact_match']:.4f} |" in \
+        cards["old"]
+
+
 @pytest.mark.slow
 def test_train_takes_explicit_validation_and_test_files_and_prints_the_splits(tmp_path, capsys):
     train = write_jsonl(tmp_path / "train.jsonl", write_rows(tmp_path, [f"t{i}.png" for i in range(12)],
@@ -215,7 +243,7 @@ def test_train_takes_explicit_validation_and_test_files_and_prints_the_splits(tm
     assert "data: train 12 rows, the `train` split of train.jsonl" in printed
     assert "data: validation 2 rows, dev.jsonl (given as the validation set)" in printed
     assert "data: test 3 rows, test.jsonl (given as the test set)" in printed
-    metrics = json.loads((output / "metrics.json").read_text())
+    metrics = json.loads((output / "all_results.json").read_text())
     assert metrics["test_source"] == "test.jsonl (given as the test set)"
     card = (output / "README.md").read_text()
     assert "the test figures come from test.jsonl (given as the test set)" in card

@@ -473,9 +473,9 @@ def _training_folder(folder: Path) -> None:
     processor, model = make_processor_and_model()
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
-    (folder / "metrics.json").write_text(json.dumps({"test_exact_match": 0.75, "train_minutes": 1.0}))
+    (folder / "all_results.json").write_text(json.dumps({"test_exact_match": 0.75, "train_minutes": 1.0}))
     (folder / "run_args.json").write_text(json.dumps({"model": {"preset": "tiny"}, "data": {"dataset": "synthetic"},
-                                                      "training": {}}))
+                                                      "world_size": 1}))
     plot_expert_load({"text": torch.ones(2, 4), "image": torch.ones(2, 2)}, folder / "expert_load.png")
     write_model_card(model, folder, model_id="local-run")
 
@@ -494,7 +494,8 @@ def test_push_command_uploads_model_processor_card_and_plot_in_one_commit(hub_se
                  "expert_load.png", "modeling_sparsemoe_vlm.py", "configuration_sparsemoe_vlm.py"):
         assert name in files, name
     assert files["expert_load.png"] == (folder / "expert_load.png").read_bytes()
-    assert "metrics.json" not in files  # run bookkeeping stays local; its numbers are in the card
+    # Run bookkeeping stays local; its numbers are in the card.
+    assert not {"all_results.json", "run_args.json"} & set(files)
     # The card is regenerated for the repository id and keeps the run's results.
     card = files["README.md"].decode()
     assert 'from_pretrained("org/pushed-run", trust_remote_code=True)' in card and "local-run" not in card

@@ -6,32 +6,12 @@ import pytest
 from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
 
-from hf_sparsemoe_vlm.app.model_card import build_model_card, parameter_counts, write_model_card
+from hf_sparsemoe_vlm.app.model_card import build_model_card, parameter_counts, read_run_args, write_model_card
 
-from tiny_models import make_model
+from tiny_models import fake_run, make_model, to_old_layout
 
 
 PER_EXPERT = 3 * 32 * 32  # gate, up and down projections of one expert (hidden 32, expert width 32)
-
-
-def fake_run(folder, router_type="topk"):
-    """The files a `sparsemoe-vlm train` run leaves next to the weights."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "metrics.json").write_text(json.dumps({
-        "validation_loss": 0.37, "test_exact_match": 0.614, "test_exact_match_shape": 0.316,
-        "test_caption_bleu": 12.5, "test_caption_rougeL": 0.71, "train_minutes": 9.1}))
-    (folder / "run_args.json").write_text(json.dumps({
-        "model": {"model_name_or_path": None, "preset": "tiny", "training_stage": "full"},
-        "data": {"dataset": "synthetic", "num_train_examples": 40000, "image_size": 64},
-        "training": {"max_steps": 3000, "num_train_epochs": 3.0, "per_device_train_batch_size": 32,
-                     "learning_rate": 0.002, "world_size": 1, "precision": "fp32", "seed": 0}}))
-    routing = {"routing/text/experts_per_token": 1.5, "routing/text/load_entropy": 0.97,
-               "routing/text/max_expert_load": 0.31, "routing/text/dead_experts": 0.0,
-               "routing/image/experts_per_token": 1.25, "routing/image/load_entropy": 0.9,
-               "routing/image/max_expert_load": 0.6, "routing/image/dead_experts": 1.0}
-    (folder / "log_history.json").write_text(json.dumps([{"loss": 2.0, "step": 50, **routing}, {"train_loss": 1.0}]))
-    (folder / "expert_load.png").write_bytes(b"\x89PNG\r\n\x1a\n")
-    return folder
 
 
 def test_parameter_counts_top_k():
@@ -117,6 +97,26 @@ def test_card_metadata_and_numbers_match_the_model_and_run(tmp_path):
     assert "\n\n\n" not in text
 
 
+def test_a_run_folder_of_the_old_layout_gives_the_same_card(tmp_path):
+    model = make_model(router_type="top_p")  # a dynamic router: the active counts come from the log history
+    new = fake_run(tmp_path / "new")
+    old = to_old_layout(fake_run(tmp_path / "old"))
+    assert {path.name for path in old.iterdir()} == {"metrics.json", "run_args.json", "log_history.json",
+                                                     "expert_load.png"}
+    card = str(build_model_card(model, "org/m", new))
+    assert card == str(build_model_card(model, "org/m", old))
+    assert read_run_args(new) == read_run_args(old)  # what `evaluate` takes from a run: data settings and seed
+    # Every part the files feed is there: results, settings (from training_args.json), routing (trainer_state.json).
+    for row in ("| exact_match | test | 0.6140 |", "| loss | validation | 0.3700 |", "| steps | 3000 |",
+                "| processes | 1 |", "| precision | fp32 |", "| weight decay | 0 |", "| wall time | 9.1 min |",
+                "| text | 1.5 | 0.97 | 0.31 | 0.0 |", "(measured average)"):
+        assert row in card, row
+    # A folder with both prefers what Transformers wrote.
+    (new / "metrics.json").write_text(json.dumps({"test_exact_match": 0.1}))
+    (new / "log_history.json").write_text(json.dumps([]))
+    assert str(build_model_card(model, "org/m", new)) == card
+
+
 def test_card_of_a_converted_model_names_its_base_and_measured_dynamic_routing(tmp_path):
     model = make_model(router_type="relu")
     card = build_model_card(model, "org/upcycled", fake_run(tmp_path / "run"), base_model="llava-hf/llava-1.5-7b-hf",
@@ -141,8 +141,8 @@ def test_card_errors_name_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         build_model_card(make_model(), run_dir=tmp_path / "missing")
     run = fake_run(tmp_path / "run")
-    (run / "metrics.json").write_text("{not json")
-    with pytest.raises(ValueError, match=r"metrics.json is not valid JSON"):
+    (run / "all_results.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"all_results.json is not valid JSON"):
         build_model_card(make_model(), run_dir=run)
 
 
@@ -191,7 +191,7 @@ def _run_with(folder, data=None, metrics=None):
     run_args["data"].update(data or {})
     (folder / "run_args.json").write_text(json.dumps(run_args))
     if metrics is not None:
-        (folder / "metrics.json").write_text(json.dumps(metrics))
+        (folder / "all_results.json").write_text(json.dumps(metrics))
     return folder
 
 

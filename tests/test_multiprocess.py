@@ -26,7 +26,7 @@ def _free_port() -> int:
 
 
 def _losses(output_dir) -> list[float]:
-    history = json.loads((output_dir / "log_history.json").read_text())
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
     return [entry["loss"] for entry in history if "loss" in entry]
 
 

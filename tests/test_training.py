@@ -6,10 +6,12 @@ import PIL.Image
 import pytest
 import torch
 from huggingface_hub import ModelCard
+from transformers import TrainerState
 
 from hf_sparsemoe_vlm import SparseMoEVLMForConditionalGeneration
 from hf_sparsemoe_vlm.app.cli import main, parse_train_args
 from hf_sparsemoe_vlm.app.training import (
+    ROUTING_STATISTICS,
     VLMDataCollator,
     apply_training_stage,
     plot_expert_load,
@@ -135,7 +137,7 @@ def test_short_training_run_end_to_end(tmp_path, capsys):
                  "--max_new_tokens", "4", "--router_type", "top_p", "--vision_pretraining_steps", "2",
                  "--use_cpu", "true"])
     assert code == 0
-    metrics = json.loads((output / "metrics.json").read_text())
+    metrics = json.loads((output / "all_results.json").read_text())
     assert 0.0 <= metrics["test_exact_match"] <= 1.0 and "validation_loss" in metrics
     assert "validation_exact_match" in metrics
     for name in ("model.safetensors", "config.json", "processor_config.json", "tokenizer.json", "expert_load.png"):
@@ -152,6 +154,20 @@ def test_short_training_run_end_to_end(tmp_path, capsys):
     assert f"| total | {sum(p.numel() for p in model.parameters()):,} |" in card.text
     assert "| steps | 6 |" in card.text and "| batch size per device | 8 |" in card.text
     assert "top-p (p = " in card.text and "(expert_load.png)" in card.text
+    # The files the card is made from are Transformers' own: the Trainer's state, whose log history carries the
+    # routing statistics of the card's routing table, its arguments and its results; nothing under the old names.
+    state = TrainerState.load_from_json(str(output / "trainer_state.json"))
+    routing = [entry for entry in state.log_history if "routing/text/load_entropy" in entry]
+    assert state.global_step == 6 and [entry["step"] for entry in routing] == [2, 4, 6]
+    for group in ("text", "image"):
+        row = [routing[-1][f"routing/{group}/{statistic}"] for statistic in ROUTING_STATISTICS]
+        assert f"| {group} | {' | '.join(map(str, row))} |" in card.text
+    arguments = json.loads((output / "training_args.json").read_text())
+    assert arguments["max_steps"] == 6 and arguments["logging_steps"] == 2
+    run_args = json.loads((output / "run_args.json").read_text())
+    assert run_args["world_size"] == 1 and set(run_args) == {"model", "data", "world_size"}
+    assert "| processes | 1 |" in card.text and "| precision | fp32 |" in card.text
+    assert not {"metrics.json", "log_history.json"} & {path.name for path in output.iterdir()}
 
 
 @pytest.mark.slow
@@ -232,7 +248,7 @@ def test_standard_trainer_flags_bf16_accumulation_checkpointing_eval_and_tensorb
           "--eval_strategy", "steps", "--eval_steps", "2", "--logging_steps", "1", "--save_strategy", "no",
           "--report_to", "tensorboard", "--max_new_tokens", "2", "--vision_pretraining_steps", "0",
           "--use_cpu", "true"])
-    history = json.loads((output / "log_history.json").read_text())
+    history = json.loads((output / "trainer_state.json").read_text())["log_history"]
     losses = [entry["loss"] for entry in history if "loss" in entry]
     assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
     # Evaluations at steps 2 and 4, then the final one the script runs after training.
@@ -243,7 +259,7 @@ def test_standard_trainer_flags_bf16_accumulation_checkpointing_eval_and_tensorb
     assert len(scalars["train/loss"]) == 4
     assert scalars["train/loss"] == pytest.approx(losses, rel=1e-6)
     assert len(scalars["train/routing/text/load_entropy"]) == 4 and "eval/exact_match" in scalars
-    assert json.loads((output / "run_args.json").read_text())["training"]["precision"] == "bf16"
+    assert json.loads((output / "training_args.json").read_text())["bf16"] is True
 
 
 def test_collator_can_put_the_image_after_the_question():

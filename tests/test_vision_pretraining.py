@@ -1,9 +1,11 @@
 """Stage 0: vision tower pretraining on the synthetic set's per-patch labels."""
 import json
+import math
 
 import PIL.Image
 import pytest
 import torch
+from accelerate.state import AcceleratorState, is_initialized
 
 from hf_sparsemoe_vlm import SparseMoEVLMConfig, SparseMoEVLMForConditionalGeneration, SparseMoEVLMImageProcessor
 from hf_sparsemoe_vlm.app.cli import DEFAULT_VISION_PRETRAINING_STEPS, main
@@ -15,7 +17,16 @@ from hf_sparsemoe_vlm.app.synthetic_shapes import (
     patch_label_batches,
     patch_labels,
 )
-from hf_sparsemoe_vlm.app.training import preset_config, pretrain_vision_tower
+from hf_sparsemoe_vlm.app.training import preset_config, pretrain_vision_tower, stage_zero_accelerator
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps one precision per process (set by the first Accelerator): each test here starts without
+    one, whatever ran before it (stage 0's default accelerator would take it)."""
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
 
 
 def test_patch_labels_mark_the_cells_each_shape_covers():
@@ -129,6 +140,59 @@ def test_pretraining_teaches_the_tower_per_patch_labels_and_touches_nothing_else
     assert accuracy > 0.9
 
 
+def _plain_stage_zero(model, image_processor, batches, num_labels: int, learning_rate: float) -> list[float]:
+    """Stage 0 as a plain PyTorch loop (tower and the two heads, AdamW): one process, fp32."""
+    head = torch.nn.Linear(model.config.vision_feature_size, num_labels)
+    offset_head = torch.nn.Linear(model.config.vision_feature_size, 2)
+    tower = model.model.vision_tower.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW([*tower.parameters(), *head.parameters(), *offset_head.parameters()],
+                                  lr=learning_rate, weight_decay=0.0)
+    losses = []
+    for images, labels, offsets in batches:
+        tokens = model.get_image_features(image_processor(images, return_tensors="pt")["pixel_values"]).vision_tokens
+        loss = torch.nn.functional.cross_entropy(head(tokens).reshape(-1, num_labels), torch.tensor(labels).flatten())
+        known = torch.tensor([[cell is not None for cell in per_image] for per_image in offsets])
+        targets = torch.tensor([[cell or (0.0, 0.0) for cell in per_image] for per_image in offsets])
+        loss = loss + torch.nn.functional.mse_loss(offset_head(tokens)[known], targets[known])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_stage_zero_under_accelerate_is_the_plain_loop_in_fp32_and_trains_in_bf16():
+    def batches(steps=12):
+        return patch_label_batches(steps, 8, grid_size=6, seed=0, with_offsets=True)
+
+    torch.manual_seed(0)
+    reference_model, image_processor = _resnet_model()
+    reference = _plain_stage_zero(reference_model, image_processor, batches(), len(PATCH_LABELS), 2e-3)
+    torch.manual_seed(0)
+    model, _ = _resnet_model()
+    with stage_zero_accelerator("no", cpu=True) as accelerator:
+        losses = pretrain_vision_tower(model, image_processor, batches(), len(PATCH_LABELS), logging_steps=0,
+                                       accelerator=accelerator)
+    assert losses == reference  # bit for bit, and so are the weights
+    reference_weights = reference_model.state_dict()
+    assert all(torch.equal(value, reference_weights[name]) for name, value in model.state_dict().items())
+    assert not is_initialized()  # the process's Accelerate state is left unset for the Trainer's accelerator
+
+    torch.manual_seed(0)
+    model, _ = _resnet_model()
+    with stage_zero_accelerator("bf16", cpu=True) as accelerator:
+        losses = pretrain_vision_tower(model, image_processor, batches(30), len(PATCH_LABELS), logging_steps=0,
+                                       accelerator=accelerator)
+        assert accelerator.mixed_precision == "bf16"
+    assert losses[:12] != reference  # autocast ran in bf16
+    assert all(math.isfinite(loss) for loss in losses) and sum(losses[-5:]) < 0.6 * sum(losses[:5])
+    # The model stays as it was but for the tower's weights: fp32, its own forward (Accelerate wrapped only the
+    # stage-0 module's), nothing left prepared.
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert "forward" not in vars(model) and "forward" not in vars(model.model.vision_tower)
+    assert accelerator._models == [] and accelerator._optimizers == []
+
+
 def test_pretraining_rejects_labels_that_do_not_match_the_image_tokens():
     model, image_processor = _resnet_model()
     images = [PIL.Image.new("RGB", (48, 48))] * 2
@@ -178,3 +242,17 @@ def test_stage_zero_defaults_resolve_from_the_run():
     assert resolved("--vision_pretraining_steps", "0") == (0, False)
     assert resolved("--freeze_vision_tower", "false") == (DEFAULT_VISION_PRETRAINING_STEPS, False)
     assert resolved("--vision_pretraining_steps", "7", "--freeze_vision_tower", "true") == (7, True)
+
+
+def test_stage_zero_is_refused_where_accelerate_would_shard_the_tower(monkeypatch):
+    from hf_sparsemoe_vlm.app.cli import _vision_pretraining, parse_train_args
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # as `accelerate launch --use_fsdp` sets it
+    model_args, data_args, training_args = parse_train_args(["--output_dir", "unused", "--use_cpu", "true"])
+    with pytest.raises(ValueError, match="stage 0 trains the vision tower with plain data parallelism"):
+        _vision_pretraining(None, None, model_args, data_args, training_args, resuming=False)
+    # Nothing to refuse without stage 0, or when a resumed run takes its tower from the checkpoint.
+    _vision_pretraining(None, None, model_args, data_args, training_args, resuming=True)
+    model_args, data_args, training_args = parse_train_args(["--output_dir", "unused", "--use_cpu", "true",
+                                                             "--vision_pretraining_steps", "0"])
+    _vision_pretraining(None, None, model_args, data_args, training_args, resuming=False)

@@ -1,6 +1,10 @@
-"""Tiny SparseMoE-VLM configs and inputs shared by the tests (hidden sizes 32, a few experts: seconds on CPU)."""
+"""Tiny SparseMoE-VLM configs and inputs shared by the tests (hidden sizes 32, a few experts: seconds on CPU), and
+the files of a training run folder."""
+
+import json
 
 import torch
+from transformers import TrainerState, TrainingArguments
 
 from hf_sparsemoe_vlm import SparseMoEVLMConfig, SparseMoEVLMForConditionalGeneration
 
@@ -95,3 +99,52 @@ except ImportError:
 else:
     raise SystemExit("package unexpectedly importable")
 """
+
+
+def fake_run(folder, router_type="topk"):
+    """The files a `sparsemoe-vlm train` run leaves next to the weights, written as it writes them: results as
+    `Trainer.save_metrics` does, the Trainer's state and arguments by their own serialisers, the script's arguments."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "all_results.json").write_text(json.dumps({
+        "validation_loss": 0.37, "test_exact_match": 0.614, "test_exact_match_shape": 0.316,
+        "test_caption_bleu": 12.5, "test_caption_rougeL": 0.71, "train_minutes": 9.1}, indent=4, sort_keys=True))
+    (folder / "run_args.json").write_text(json.dumps({
+        "model": {"model_name_or_path": None, "preset": "tiny", "training_stage": "full"},
+        "data": {"dataset": "synthetic", "num_train_examples": 40000, "image_size": 64}, "world_size": 1}))
+    (folder / "training_args.json").write_text(TrainingArguments(
+        output_dir=str(folder), max_steps=3000, num_train_epochs=3.0, per_device_train_batch_size=32,
+        learning_rate=0.002, seed=0, report_to="none", use_cpu=True).to_json_string())
+    routing = {"routing/text/experts_per_token": 1.5, "routing/text/load_entropy": 0.97,
+               "routing/text/max_expert_load": 0.31, "routing/text/dead_experts": 0.0,
+               "routing/image/experts_per_token": 1.25, "routing/image/load_entropy": 0.9,
+               "routing/image/max_expert_load": 0.6, "routing/image/dead_experts": 1.0}
+    TrainerState(global_step=3000, log_history=[{"loss": 2.0, "step": 50, **routing}, {"train_loss": 1.0}]
+                 ).save_to_json(str(folder / "trainer_state.json"))
+    (folder / "expert_load.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    return folder
+
+
+# The Trainer settings runs written before all_results.json / trainer_state.json / training_args.json kept in
+# run_args.json's "training", next to the process count and the precision.
+OLD_TRAINING_SETTINGS = ("max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
+                         "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "seed")
+
+
+def to_old_layout(folder):
+    """Rewrite a run folder as `sparsemoe-vlm train` wrote it before Transformers wrote its files: metrics.json,
+    log_history.json and the Trainer settings inside run_args.json, by hand."""
+    metrics = json.loads((folder / "all_results.json").read_text())
+    # In the old writer's order (validation figures first), not sorted as Trainer writes them.
+    old_order = sorted(metrics, key=lambda key: not key.startswith("validation_"))
+    (folder / "metrics.json").write_text(json.dumps({key: metrics[key] for key in old_order}, indent=2))
+    history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
+    (folder / "log_history.json").write_text(json.dumps(history, indent=2))
+    arguments = json.loads((folder / "training_args.json").read_text())
+    run_args = json.loads((folder / "run_args.json").read_text())
+    run_args["training"] = {**{key: arguments[key] for key in OLD_TRAINING_SETTINGS},
+                            "world_size": run_args.pop("world_size"),
+                            "precision": "bf16" if arguments["bf16"] else "fp16" if arguments["fp16"] else "fp32"}
+    (folder / "run_args.json").write_text(json.dumps(run_args, indent=2))
+    for name in ("all_results.json", "trainer_state.json", "training_args.json"):
+        (folder / name).unlink()
+    return folder

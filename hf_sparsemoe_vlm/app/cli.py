@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate.utils import parse_flag_from_env
 from huggingface_hub import HfApi, ModelCard, constants
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
@@ -21,7 +22,15 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .. import SparseMoEVLMForConditionalGeneration, SparseMoEVLMProcessor, build_processor
 from .data import load_vlm_splits
-from .model_card import hub_dataset_ids, write_model_card
+from .model_card import (
+    RESULTS_FILE,
+    RUN_ARGS_FILE,
+    TRAINING_ARGS_FILE,
+    hub_dataset_ids,
+    read_run_args,
+    results_path,
+    write_model_card,
+)
 from .synthetic_shapes import PATCH_LABELS, QUESTION_TYPES, make_synthetic_dataset, patch_label_batches
 from .training import (
     PROMPT_ORDERS,
@@ -35,6 +44,7 @@ from .training import (
     plot_expert_load,
     preset_config,
     pretrain_vision_tower,
+    stage_zero_accelerator,
 )
 
 
@@ -109,7 +119,7 @@ class DataArguments:
                 "carved from its training rows)."})
     test_dataset: str | None = field(default=None, metadata={
         "help": "Test data in any form --dataset takes (instead of the source's own test split, or rows carved from "
-                "its training rows). The test figures of metrics.json and the model card come from it."})
+                "its training rows). The test figures of all_results.json and the model card come from it."})
     max_new_tokens: int = field(default=24, metadata={"help": "Generation length for evaluation and answers."})
     num_demo_answers: int = field(default=5, metadata={"help": "Test questions answered and printed at the end."})
 
@@ -215,16 +225,6 @@ def _print_demo_answers(collator, rows, answers: dict[str, list[str]], count: in
         print(f"  Q: {question}\n  A: {given}   (reference: {collator.reference(row)})")
 
 
-def _training_settings(training_args: TrainingArguments) -> dict:
-    """The Trainer settings a model card reports."""
-    keys = ("max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
-            "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "seed")
-    settings = {key: getattr(training_args, key) for key in keys}
-    settings["world_size"] = training_args.world_size
-    settings["precision"] = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32"
-    return settings
-
-
 def _vision_pretraining(model, processor, model_args: ModelArguments, data_args: DataArguments,
                         training_args: TrainingArguments, resuming: bool) -> None:
     """Resolve the stage-0 defaults and run it. A resumed run skips it: its tower comes from the checkpoint."""
@@ -237,6 +237,13 @@ def _vision_pretraining(model, processor, model_args: ModelArguments, data_args:
     if steps and data_args.dataset != "synthetic":
         raise ValueError("--vision_pretraining_steps needs per-patch labels, which only the synthetic set provides; "
                          f"set it to 0 with --dataset {data_args.dataset}.")
+    if steps and not resuming and (training_args.deepspeed_plugin is not None
+                                   or parse_flag_from_env("ACCELERATE_USE_FSDP")):
+        # Accelerate would shard the stage-0 module (the model's own tower) in place, under the Trainer's plan.
+        raise ValueError(f"--vision_pretraining_steps {steps}: stage 0 trains the vision tower with plain data "
+                         "parallelism, which a DeepSpeed or `accelerate launch --use_fsdp` run does not give. "
+                         "Pretrain it in a run without them (or with the Trainer's --fsdp), then fine-tune that model "
+                         "with --model_name_or_path, or set --vision_pretraining_steps 0.")
     model_args.vision_pretraining_steps = steps
     if model_args.freeze_vision_tower is None:
         model_args.freeze_vision_tower = steps > 0
@@ -248,8 +255,10 @@ def _vision_pretraining(model, processor, model_args: ModelArguments, data_args:
         batches = patch_label_batches(steps, training_args.per_device_train_batch_size, grid_size,
                                       seed=training_args.seed + 1, image_size=data_args.image_size,
                                       with_offsets=model_args.vision_pretraining_offsets)
-        losses = pretrain_vision_tower(model, processor.image_processor, batches, len(PATCH_LABELS),
-                                       learning_rate=training_args.learning_rate)
+        # Stage 0 runs on the Trainer's device, process group and precision (`--bf16` / `--fp16`).
+        with stage_zero_accelerator(training_args.mixed_precision, cpu=training_args.use_cpu) as accelerator:
+            losses = pretrain_vision_tower(model, processor.image_processor, batches, len(PATCH_LABELS),
+                                           learning_rate=training_args.learning_rate, accelerator=accelerator)
         print(f"vision pretraining: {steps} steps, patch loss {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
 
 
@@ -312,7 +321,7 @@ def train(argv: list[str]) -> dict[str, float]:
     metrics["train_minutes"] = round((time.time() - started) / 60, 2)
 
     if trainer.is_world_process_zero():
-        saved = ["model", "processor", "model card (README.md)", "metrics.json"]
+        saved = ["model", "processor", "model card (README.md)", f"results ({RESULTS_FILE})"]
         if model_args.lora_r > 0:
             trainer.model.save_pretrained(output_dir / "adapter")
             model = trainer.model.merge_and_unload()  # a plain checkpoint for from_pretrained / pipeline / push
@@ -324,10 +333,14 @@ def train(argv: list[str]) -> dict[str, float]:
             plot_expert_load(trainer.expert_load, output_dir / "expert_load.png",
                              [f"layer {i}" for i in model.config.text_config.sparse_layer_indices])
             saved.append("routing plot (expert_load.png)")
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        (output_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
-        (output_dir / "run_args.json").write_text(json.dumps(
-            {"model": asdict(model_args), "data": asdict(data_args), "training": _training_settings(training_args)},
+        # What the model card (and `evaluate`) read back: the results, the log history (routing statistics) in the
+        # Trainer's state, the Trainer's arguments as Transformers serialises them and the script's own arguments
+        # with the process count (a property of the launch, not an argument).
+        trainer.save_metrics("all", metrics, combined=False)
+        trainer.save_state()
+        (output_dir / TRAINING_ARGS_FILE).write_text(training_args.to_json_string())
+        (output_dir / RUN_ARGS_FILE).write_text(json.dumps(
+            {"model": asdict(model_args), "data": asdict(data_args), "world_size": training_args.world_size},
             indent=2))
         write_model_card(model, output_dir, model_id=training_args.hub_model_id or str(output_dir))
         _print_demo_answers(collator, test, answers, data_args.num_demo_answers)
@@ -445,8 +458,8 @@ class EvaluateArguments:
     metrics_file: str | None = field(default=None, metadata={
         "help": "Where the metrics JSON goes (default: MODEL_DIR/eval_<split>_results.json)."})
     update_card: bool = field(default=False, metadata={
-        "help": "Put the figures into MODEL_DIR/metrics.json and regenerate MODEL_DIR/README.md (the model card) "
-                "with them."})
+        "help": "Put the figures into the run's results (MODEL_DIR/all_results.json, or metrics.json in folders "
+                "written before it) and regenerate MODEL_DIR/README.md (the model card) with them."})
     model_id: str | None = field(default=None, metadata={
         "help": "The id the regenerated card's usage snippets load (default: MODEL_DIR as given)."})
 
@@ -470,8 +483,7 @@ def evaluate(argv: list[str]) -> dict[str, float]:
         argv = ["--model_dir", argv.pop(0)] + argv
     model_dir = Path(argv[argv.index("--model_dir") + 1]) if "--model_dir" in argv[:-1] else None
     parser = HfArgumentParser((EvaluateArguments, DataArguments), prog="sparsemoe-vlm evaluate MODEL_DIR")
-    run_args_path = model_dir / "run_args.json" if model_dir is not None else None
-    run_args = json.loads(run_args_path.read_text()) if run_args_path is not None and run_args_path.is_file() else {}
+    run_args = read_run_args(model_dir) if model_dir is not None else {}
     run_data = run_args.get("data", {})
     if run_data:
         # The run's own data settings are the defaults: `evaluate runs/x` re-scores the test set x was scored on.
@@ -512,7 +524,7 @@ def evaluate(argv: list[str]) -> dict[str, float]:
     print("\nMetrics: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
     print(f"Wrote {metrics_file}")
     if eval_args.update_card:
-        run_metrics_path = model_dir / "metrics.json"
+        run_metrics_path = results_path(model_dir)  # updated where the run keeps them, whichever layout
         run_metrics = json.loads(run_metrics_path.read_text()) if run_metrics_path.is_file() else {}
         # The new figures replace the split's generation scores; Trainer's loss figures stay.
         run_metrics = {k: v for k, v in run_metrics.items()

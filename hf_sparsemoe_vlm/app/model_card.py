@@ -1,10 +1,10 @@
 # Copyright 2026 The hf_sparsemoe_vlm authors.
 # Licensed under the Apache License, Version 2.0.
 """Model cards: a Jinja template filled through `huggingface_hub.ModelCard` from a model's config and, when there
-is one, the folder of a `sparsemoe-vlm train` run (`metrics.json`, `run_args.json`, `log_history.json`,
-`expert_load.png`) or of a conversion script (`conversion.json`: base model and method). The training and
-conversion scripts write the card as `README.md` next to the weights; `sparsemoe-vlm push` regenerates and uploads
-it."""
+is one, the folder of a `sparsemoe-vlm train` run (`all_results.json`, `trainer_state.json`, `training_args.json`,
+`run_args.json`, `expert_load.png`; older runs: `metrics.json`, `log_history.json`) or of a conversion script
+(`conversion.json`: base model and method). The training and conversion scripts write the card as `README.md` next
+to the weights; `sparsemoe-vlm push` regenerates and uploads it."""
 
 import json
 import re
@@ -28,7 +28,21 @@ DEFAULT_LIMITATIONS = (
     "Routing statistics describe the training distribution; other inputs may load the experts differently.",
     "Like every generative model it can produce fluent but wrong answers; check outputs before relying on them.",
 )
-# Metric name in metrics.json -> (model-index task, metric type, human-readable name).
+# A training folder as Transformers writes it: the results by `Trainer.save_metrics("all", ...)`, the log history
+# (routing statistics) inside `Trainer.save_state()`'s file, the Trainer's arguments by
+# `TrainingArguments.to_json_string()`; the script's own model / data arguments in `run_args.json`. Folders written
+# before kept the results, the log history and a few Trainer settings (run_args.json's "training") by hand, in
+# `metrics.json` and `log_history.json`: they are read too.
+RESULTS_FILE = "all_results.json"
+TRAINER_STATE_FILE = "trainer_state.json"
+TRAINING_ARGS_FILE = "training_args.json"
+RUN_ARGS_FILE = "run_args.json"
+_OLD_RESULTS_FILE = "metrics.json"
+_OLD_LOG_HISTORY_FILE = "log_history.json"
+# The `TrainingArguments` a card reports (besides the process count and the precision).
+_CARD_TRAINING_ARGS = ("max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
+                       "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "seed")
+# Metric name in the results -> (model-index task, metric type, human-readable name).
 _EVAL_METRICS = {
     "exact_match": ("visual-question-answering", "exact_match", "Exact match (short answers)"),
     "caption_bleu": ("image-to-text", "bleu", "Caption BLEU"),
@@ -106,6 +120,40 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON ({error}); re-run the training or remove the file.") from None
+
+
+def results_path(run_dir: str | Path) -> Path:
+    """The file holding a training folder's results: `all_results.json`, or `metrics.json` in a folder written before
+    it (`all_results.json` when there is neither)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / RESULTS_FILE).is_file() and (run_dir / _OLD_RESULTS_FILE).is_file():
+        return run_dir / _OLD_RESULTS_FILE
+    return run_dir / RESULTS_FILE
+
+
+def read_run_args(run_dir: str | Path) -> dict[str, dict]:
+    """A training folder's arguments as `{"model": ..., "data": ..., "training": ...}` (empty when it has none):
+    `training` holds the Trainer settings a card reports, `world_size` and `precision` (`bf16`, `fp16`, `fp32`)."""
+    run_dir = Path(run_dir)
+    run_args = _read_json(run_dir / RUN_ARGS_FILE) if (run_dir / RUN_ARGS_FILE).is_file() else {}
+    if (run_dir / TRAINING_ARGS_FILE).is_file():
+        arguments = _read_json(run_dir / TRAINING_ARGS_FILE)
+        training = {key: arguments[key] for key in _CARD_TRAINING_ARGS if key in arguments}
+        if "world_size" in run_args:  # a property of the launch, not a TrainingArguments field
+            training["world_size"] = run_args["world_size"]
+        training["precision"] = "bf16" if arguments.get("bf16") else "fp16" if arguments.get("fp16") else "fp32"
+        run_args = {**{k: v for k, v in run_args.items() if k != "world_size"}, "training": training}
+    return run_args
+
+
+def read_log_history(run_dir: str | Path) -> list[dict]:
+    """A training folder's `Trainer.state.log_history` (empty when it has none)."""
+    run_dir = Path(run_dir)
+    if (run_dir / TRAINER_STATE_FILE).is_file():
+        return _read_json(run_dir / TRAINER_STATE_FILE).get("log_history", [])
+    if (run_dir / _OLD_LOG_HISTORY_FILE).is_file():
+        return _read_json(run_dir / _OLD_LOG_HISTORY_FILE)
+    return []
 
 
 def _last_routing_log(log_history: list[dict]) -> dict[str, float]:
@@ -218,15 +266,9 @@ def build_model_card(
             conversion_info = _read_json(run_dir / "conversion.json")
             base_model = base_model or conversion_info.get("base_model")
             conversion = conversion or conversion_info.get("method")
-        for name in ("metrics.json", "run_args.json", "log_history.json"):
-            if (run_dir / name).is_file():
-                value = _read_json(run_dir / name)
-                if name == "metrics.json":
-                    metrics = value
-                elif name == "run_args.json":
-                    run_args = value
-                else:
-                    log_history = value
+        if results_path(run_dir).is_file():
+            metrics = _read_json(results_path(run_dir))
+        run_args, log_history = read_run_args(run_dir), read_log_history(run_dir)
     model_id = model_id or (run_dir.resolve().name if run_dir is not None else "sparsemoe-vlm")
     config = model.config
     text_config = config.text_config
@@ -311,7 +353,7 @@ def build_model_card(
             training.append(("wall time", f"{metrics['train_minutes']} min"))
 
     evaluation, eval_results = [], []
-    for key, value in metrics.items():
+    for key, value in sorted(metrics.items()):  # the file's order is the writer's (Trainer sorts the keys)
         if not isinstance(value, int | float) or key == "train_minutes":
             continue
         split, _, name = key.partition("_")
@@ -387,4 +429,5 @@ def write_model_card(model, output_dir: str | Path, **kwargs) -> Path:
     return path
 
 
-__all__ = ["build_model_card", "hub_dataset_ids", "parameter_counts", "write_model_card"]
+__all__ = ["build_model_card", "hub_dataset_ids", "parameter_counts", "read_log_history", "read_run_args",
+           "results_path", "write_model_card"]

@@ -8,10 +8,15 @@ import math
 import os
 import random
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, is_initialized
+from accelerate.utils import DistributedDataParallelKwargs
 from PIL import Image, ImageDraw, ImageFont
 from transformers import Trainer, TrainerCallback
 from transformers.integrations import TensorBoardCallback
@@ -123,8 +128,46 @@ def apply_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.0,
     return get_peft_model(model, config)
 
 
+class _PatchHeads(torch.nn.Module):
+    """What stage 0 trains, as one module: the vision tower and its two temporary heads. Accelerate prepares (places,
+    DDP-wraps, autocasts) this module and never the VLM, whose own forward the Trainer later wraps."""
+
+    def __init__(self, model, num_labels: int):
+        super().__init__()
+        base = model.model if hasattr(model, "model") else model
+        self.vision_tower = base.vision_tower
+        self.head = torch.nn.Linear(model.config.vision_feature_size, num_labels)
+        self.offset_head = torch.nn.Linear(model.config.vision_feature_size, 2)
+        # A plain attribute, not a submodule: the features come from the model's own code path (tower, then token
+        # selection), but only the tower is trained.
+        self._image_features = base.get_image_features
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self._image_features(pixel_values).vision_tokens.float()
+        return self.head(tokens), self.offset_head(tokens)
+
+
+@contextmanager
+def stage_zero_accelerator(mixed_precision: str | None = None, cpu: bool = False) -> Iterator[Accelerator]:
+    """An `Accelerator` for `pretrain_vision_tower`, with `mixed_precision` ("no", "bf16", "fp16"; None: Accelerate's
+    configuration), e.g. the Trainer's `TrainingArguments.mixed_precision`.
+
+    Accelerate keeps one state per process, configured by its first `Accelerator`; a later one (the Trainer's) joins
+    it: its FSDP or DeepSpeed settings would not apply, another precision would be refused. So when this is the
+    first, the state is cleared on exit, and the next `Accelerator` is configured from its own arguments."""
+    first = not is_initialized()
+    # Batches without centre offsets leave the offset head without a gradient, which DDP must be told to expect.
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu,
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    try:
+        yield accelerator
+    finally:
+        if first:
+            AcceleratorState._reset_state()  # as Transformers' Trainer does between hyperparameter-search trials
+
+
 def pretrain_vision_tower(model, image_processor, batches, num_labels: int, learning_rate: float = 2e-3,
-                          logging_steps: int = 100) -> list[float]:
+                          logging_steps: int = 100, accelerator: Accelerator | None = None) -> list[float]:
     """Stage 0: pretrain the vision tower on per-patch labels before the VLM trains, the role a pretrained encoder
     (CLIP, SigLIP) plays in LLaVA-style models when no pretrained weights can be used.
 
@@ -140,45 +183,64 @@ def pretrain_vision_tower(model, image_processor, batches, num_labels: int, lear
     cell's centre in cells, or None for cells without an object (`patch_label_batches(..., with_offsets=True)`): a
     second temporary head then regresses it (mean squared error, added to the loss). Every token of an object then
     carries the object's exact position (its cell, from the position embedding, plus this offset), finer than the
-    grid, so comparing where two objects are is one linear read-out for the decoder."""
-    base = model.model if hasattr(model, "model") else model
+    grid, so comparing where two objects are is one linear read-out for the decoder.
+
+    The steps run under `accelerator` (default: one from `stage_zero_accelerator()`, Accelerate's configuration): on
+    its device, in its mixed precision, DDP-wrapped when there are several processes (every process sees the same
+    batches, so the towers stay identical). The tower and heads are what it prepares, never `model`, which is returned
+    on the device it came on. Its prepared objects are released at the end (`free_memory`, as between two trainings),
+    so pass an accelerator meant for stage 0, not the Trainer's; under DDP it needs `find_unused_parameters=True`
+    when some batch has no offsets."""
+    if accelerator is None:
+        with stage_zero_accelerator() as accelerator:
+            return pretrain_vision_tower(model, image_processor, batches, num_labels, learning_rate, logging_steps,
+                                         accelerator)
     seq_length = model.config.image_seq_length
-    head = torch.nn.Linear(model.config.vision_feature_size, num_labels).to(model.device)
-    offset_head = torch.nn.Linear(model.config.vision_feature_size, 2).to(model.device)
-    tower_params = list(base.vision_tower.parameters())
-    optimizer = torch.optim.AdamW(tower_params + list(head.parameters()) + list(offset_head.parameters()),
-                                  lr=learning_rate, weight_decay=0.0)
+    device = model.device
+    module = _PatchHeads(model, num_labels)
+    tower_params = list(module.vision_tower.parameters())
     was_training, requires_grad = model.training, [p.requires_grad for p in tower_params]
-    base.vision_tower.train()
-    for p in tower_params:
+    model.to(accelerator.device)  # the features pass through the model's code (and its projector) on that device
+    module.vision_tower.train()
+    for p in tower_params:  # before `prepare`: DDP registers the parameters that require grad
         p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=learning_rate, weight_decay=0.0)
+    # `prepare` runs the module's forward under the accelerator's autocast and returns fp32 outputs, so the losses
+    # below are computed in fp32 without an explicit `accelerator.autocast()`.
+    prepared, optimizer = accelerator.prepare(module, optimizer)
     losses = []
-    for step, (images, labels, *rest) in enumerate(batches, start=1):
-        labels = torch.as_tensor(labels, dtype=torch.long, device=model.device)
-        if labels.shape != (len(images), seq_length):
-            raise ValueError(f"Patch labels must have shape (num_images, image_seq_length) = ({len(images)}, "
-                             f"{seq_length}) for this model (one label per image token, row by row); got "
-                             f"{tuple(labels.shape)}.")
-        if labels.max() >= num_labels or labels.min() < -100:
-            raise ValueError(f"Patch labels must be in [0, {num_labels}) (or -100 to ignore a cell); got values in "
-                             f"[{labels.min().item()}, {labels.max().item()}].")
-        pixel_values = image_processor(images, return_tensors="pt")["pixel_values"].to(model.device)
-        tokens = base.get_image_features(pixel_values).vision_tokens.float()
-        logits = head(tokens)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, num_labels), labels.flatten())
-        if rest and rest[0] is not None:
-            offsets, known = _offset_targets(rest[0], len(images), seq_length, model.device)
-            if known.any():
-                loss = loss + torch.nn.functional.mse_loss(offset_head(tokens)[known], offsets[known])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        if logging_steps and (step % logging_steps == 0 or step == 1):
-            print(f"vision pretraining step {step}: loss {losses[-1]:.4f}", flush=True)
-    for p, flag in zip(tower_params, requires_grad, strict=True):
-        p.requires_grad_(flag)
-    model.train(was_training)
+    try:
+        for step, (images, labels, *rest) in enumerate(batches, start=1):
+            labels = torch.as_tensor(labels, dtype=torch.long, device=accelerator.device)
+            if labels.shape != (len(images), seq_length):
+                raise ValueError(f"Patch labels must have shape (num_images, image_seq_length) = ({len(images)}, "
+                                 f"{seq_length}) for this model (one label per image token, row by row); got "
+                                 f"{tuple(labels.shape)}.")
+            if labels.max() >= num_labels or labels.min() < -100:
+                raise ValueError(f"Patch labels must be in [0, {num_labels}) (or -100 to ignore a cell); got values "
+                                 f"in [{labels.min().item()}, {labels.max().item()}].")
+            pixel_values = image_processor(images, return_tensors="pt")["pixel_values"].to(accelerator.device)
+            logits, predicted_offsets = prepared(pixel_values)
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, num_labels), labels.flatten())
+            if rest and rest[0] is not None:
+                offsets, known = _offset_targets(rest[0], len(images), seq_length, accelerator.device)
+                if known.any():
+                    loss = loss + torch.nn.functional.mse_loss(predicted_offsets[known], offsets[known])
+            optimizer.zero_grad()
+            accelerator.backward(loss)
+            optimizer.step()
+            losses.append(loss.item())
+            if logging_steps and (step % logging_steps == 0 or step == 1):
+                accelerator.print(f"vision pretraining step {step}: loss {losses[-1]:.4f}", flush=True)
+    finally:
+        # Drop the DDP wrapper (and its gradient hooks on the tower) and the optimizer state before the Trainer
+        # wraps the model itself; the model goes back as it came.
+        del prepared, optimizer
+        accelerator.free_memory()
+        for p, flag in zip(tower_params, requires_grad, strict=True):
+            p.requires_grad_(flag)
+        model.train(was_training)
+        model.to(device)
     return losses
 
 
@@ -379,7 +441,8 @@ def evaluate_answers(model, collator: VLMDataCollator, rows, *, image_first: tup
     return metrics, answers
 
 
-# The routing-health figures logged next to the loss (and saved in `log_history.json`, which the model card reads):
+# The routing-health figures logged next to the loss (the log history of `trainer_state.json`, which the model card
+# reads):
 # `routing/<group>/<statistic>` for each statistic below, plus `routing/<loss>` for the router losses.
 ROUTING_STATISTICS = ("experts_per_token", "load_entropy", "max_expert_load", "dead_experts")
 ROUTING_LOG_PREFIX = "routing/"
