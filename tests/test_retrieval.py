@@ -2,6 +2,7 @@
 
 import copy
 import importlib.util
+import json
 from pathlib import Path
 
 import PIL.Image
@@ -114,3 +115,47 @@ def test_metrics_count_identical_captions_as_right_and_ties_against_the_query():
     assert metrics["image_to_text_mean_rank_chance"] == pytest.approx(2.0)
     with pytest.raises(ValueError, match="Images \\[1\\] have no candidate text equal to their caption"):
         retrieval_metrics(scores, captions, ["red circle", "x", "y"])
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory, processor_and_model):
+    processor, model = processor_and_model
+    folder = tmp_path_factory.mktemp("retrieval") / "model"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_evaluate_task_retrieval_writes_the_figures_and_the_card(saved_model):
+    from hf_sparsemoe_vlm.app.cli import main
+
+    assert main(["evaluate", str(saved_model), "--task", "retrieval", "--num_test_examples", "12",
+                 "--retrieval_alpha", "0.5", "--update_card", "true", "--model_id", "org/tiny"]) == 0
+    metrics = json.loads((saved_model / "eval_test_retrieval_results.json").read_text())
+    assert metrics["test_retrieval_images"] == 12 and metrics["test_image_to_text_queries"] == 12
+    assert metrics["test_retrieval_alpha"] == 0.5 and metrics["test_retrieval_prompt"] == "Describe the image."
+    for direction in ("image_to_text", "text_to_image"):
+        for k in (1, 5, 10):
+            assert 0.0 <= metrics[f"test_{direction}_recall@{k}"] <= 1.0
+            assert 0.0 < metrics[f"test_{direction}_recall@{k}_chance"] <= 1.0
+        assert metrics[f"test_{direction}_mean_rank"] >= 1.0
+    results = json.loads((saved_model / "all_results.json").read_text())
+    assert results["test_image_to_text_recall@1"] == metrics["test_image_to_text_recall@1"]
+    card = (saved_model / "README.md").read_text()
+    assert "Image-to-text retrieval recall@1" in card and "--task retrieval" in card
+
+
+def test_evaluate_task_retrieval_names_a_missing_caption_column(saved_model, tmp_path):
+    from hf_sparsemoe_vlm.app.cli import main
+
+    PIL.Image.new("RGB", (16, 16), "red").save(tmp_path / "red.png")
+    rows = "".join(json.dumps({"image": "red.png", "text": f"a red square {i}"}) + "\n" for i in range(4))
+    (tmp_path / "rows.jsonl").write_text(rows)
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['caption'\].*--image_column / --caption_column"):
+        main(["evaluate", str(saved_model), "--task", "retrieval", "--dataset", str(tmp_path / "rows.jsonl")])
+    # named, it works: an image and a caption per row are all retrieval needs (no question / answer columns)
+    assert main(["evaluate", str(saved_model), "--task", "retrieval", "--dataset", str(tmp_path / "rows.jsonl"),
+                 "--caption_column", "text", "--split", "train", "--metrics_file", str(tmp_path / "m.json")]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["train_retrieval_texts"] >= 1
+    with pytest.raises(SystemExit, match="--task 'ranking': expected one of"):
+        main(["evaluate", str(saved_model), "--task", "ranking"])

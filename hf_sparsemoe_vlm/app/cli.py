@@ -31,6 +31,7 @@ from .model_card import (
     results_path,
     write_model_card,
 )
+from .retrieval import DEFAULT_RETRIEVAL_PROMPT, retrieval_metrics, score_image_texts
 from .synthetic_shapes import PATCH_LABELS, QUESTION_TYPES, make_synthetic_dataset, patch_label_batches
 from .training import (
     PROMPT_ORDERS,
@@ -162,8 +163,9 @@ def resolve_prompt_order(data_args: DataArguments) -> str:
     return data_args.prompt_order
 
 
-def load_data(data_args: DataArguments, seed: int):
-    """The train / validation / test splits `data_args` names, and where each comes from (one line per split)."""
+def load_data(data_args: DataArguments, seed: int, caption_column: str | None = None):
+    """The train / validation / test splits `data_args` names, and where each comes from (one line per split). With
+    `caption_column`, rows need an image and a caption (retrieval), not a question and an answer."""
     if data_args.dataset == "synthetic":
         if data_args.eval_dataset or data_args.test_dataset:
             raise ValueError("--eval_dataset / --test_dataset take data on disk; the synthetic set generates its own "
@@ -180,7 +182,7 @@ def load_data(data_args: DataArguments, seed: int):
         return dataset, origins
     return load_vlm_splits(data_args.dataset, data_args.image_column, data_args.question_column,
                            data_args.answer_column, seed=seed, validation_source=data_args.eval_dataset,
-                           test_source=data_args.test_dataset)
+                           test_source=data_args.test_dataset, caption_column=caption_column)
 
 
 def _print_splits(dataset, origins: dict[str, str]) -> None:
@@ -454,7 +456,18 @@ class EvaluateArguments:
     prompt_orders: str = field(default="both", metadata={
         "help": "Ask each question with the image first, the question first, or `both` (each scored on its own "
                 "and pooled)."})
-    batch_size: int = field(default=64, metadata={"help": "Questions generated per batch."})
+    batch_size: int = field(default=64, metadata={
+        "help": "Questions generated (or candidate texts scored) per batch."})
+    task: str = field(default="vqa", metadata={
+        "help": "`vqa`: answer the split's questions (exact match, caption BLEU / ROUGE). `retrieval`: rank the "
+                "split's distinct captions for each image and the images for each caption by the likelihood of the "
+                "caption as the answer to --retrieval_prompt (recall@1/5/10, mean rank, both directions, with chance "
+                "levels)."})
+    caption_column: str = field(default="caption", metadata={"help": "Caption column for --task retrieval."})
+    retrieval_prompt: str = field(default=DEFAULT_RETRIEVAL_PROMPT, metadata={
+        "help": "The captioning question each caption answers in --task retrieval."})
+    retrieval_alpha: float = field(default=0.0, metadata={
+        "help": "Weight of the text prior divided out in --task retrieval: log P(t|i) - alpha log P(t), in [0, 1]."})
     metrics_file: str | None = field(default=None, metadata={
         "help": "Where the metrics JSON goes (default: MODEL_DIR/eval_<split>_results.json)."})
     update_card: bool = field(default=False, metadata={
@@ -465,6 +478,21 @@ class EvaluateArguments:
 
 
 EVALUATION_ORDERS = {"both": (True, False), "image_first": (True,), "question_first": (False,)}
+EVALUATION_TASKS = ("vqa", "retrieval")
+
+
+def _evaluate_retrieval(model, processor, rows, eval_args: EvaluateArguments, prefix: str) -> dict:
+    """Retrieval figures of `rows` (images and their captions): every image against every distinct caption."""
+    captions = rows["caption"]
+    texts = sorted(set(captions))
+    print(f"retrieval: {len(rows):,} images x {len(texts):,} distinct captions (alpha {eval_args.retrieval_alpha})",
+          flush=True)
+    scores = score_image_texts(model, processor, rows["image"], texts, prompt=eval_args.retrieval_prompt,
+                               alpha=eval_args.retrieval_alpha, batch_size=eval_args.batch_size, progress=True)
+    metrics = {f"{prefix}_{key}": value for key, value in retrieval_metrics(scores, captions, texts).items()}
+    metrics[f"{prefix}_retrieval_alpha"] = eval_args.retrieval_alpha
+    metrics[f"{prefix}_retrieval_prompt"] = eval_args.retrieval_prompt
+    return metrics
 
 
 def _write_json_atomically(path: Path, value) -> None:
@@ -493,6 +521,8 @@ def evaluate(argv: list[str]) -> dict[str, float]:
     model_dir = Path(eval_args.model_dir)
     if eval_args.split not in ("train", "validation", "test"):
         raise SystemExit(f"--split {eval_args.split!r}: expected test, validation or train.")
+    if eval_args.task not in EVALUATION_TASKS:
+        raise SystemExit(f"--task {eval_args.task!r}: expected one of {EVALUATION_TASKS}.")
     if eval_args.prompt_orders not in EVALUATION_ORDERS:
         raise SystemExit(f"--prompt_orders {eval_args.prompt_orders!r}: expected one of {sorted(EVALUATION_ORDERS)}.")
     if not (model_dir / "config.json").is_file():
@@ -503,33 +533,39 @@ def evaluate(argv: list[str]) -> dict[str, float]:
     if data_args.dataset == "synthetic" and eval_args.split != "train":
         data_args.num_train_examples, data_args.num_single_shape_first = 0, 0  # generate only what is scored
     # Rows carved from a training file are carved with the run's seed, so its test rows are the ones scored here.
-    dataset, origins = load_data(data_args, seed=run_args.get("training", {}).get("seed", 0))
+    retrieval = eval_args.task == "retrieval"
+    dataset, origins = load_data(data_args, seed=run_args.get("training", {}).get("seed", 0),
+                                 caption_column=eval_args.caption_column if retrieval else None)
     rows = dataset[eval_args.split]
     if len(rows) == 0:
         raise SystemExit(f"The {eval_args.split} split of {data_args.dataset} is empty; nothing to score.")
     print(f"data: {eval_args.split} {len(rows):,} rows, {origins[eval_args.split]}", flush=True)
-    collator = VLMDataCollator(processor)
     prefix = eval_args.split
     started = time.time()
-    metrics, answers = evaluate_answers(model, collator, rows, image_first=EVALUATION_ORDERS[eval_args.prompt_orders],
-                                        batch_size=eval_args.batch_size, max_new_tokens=data_args.max_new_tokens,
-                                        prefix=prefix)
+    if retrieval:
+        metrics = _evaluate_retrieval(model, processor, rows, eval_args, prefix)
+    else:
+        collator = VLMDataCollator(processor)
+        metrics, answers = evaluate_answers(model, collator, rows,
+                                            image_first=EVALUATION_ORDERS[eval_args.prompt_orders],
+                                            batch_size=eval_args.batch_size, max_new_tokens=data_args.max_new_tokens,
+                                            prefix=prefix)
+        metrics[f"{prefix}_prompt_orders"] = eval_args.prompt_orders
+        _print_demo_answers(collator, rows, answers, data_args.num_demo_answers)
     metrics[f"{prefix}_source"] = origins[eval_args.split]
-    metrics[f"{prefix}_prompt_orders"] = eval_args.prompt_orders
     metrics["eval_minutes"] = round((time.time() - started) / 60, 2)
-    _print_demo_answers(collator, rows, answers, data_args.num_demo_answers)
     metrics_file = Path(eval_args.metrics_file) if eval_args.metrics_file else \
-        model_dir / f"eval_{eval_args.split}_results.json"
+        model_dir / f"eval_{eval_args.split}{'_retrieval' if retrieval else ''}_results.json"
     _write_json_atomically(metrics_file, metrics)
     print("\nMetrics: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
     print(f"Wrote {metrics_file}")
     if eval_args.update_card:
         run_metrics_path = results_path(model_dir)  # updated where the run keeps them, whichever layout
         run_metrics = json.loads(run_metrics_path.read_text()) if run_metrics_path.is_file() else {}
-        # The new figures replace the split's generation scores; Trainer's loss figures stay.
-        run_metrics = {k: v for k, v in run_metrics.items()
-                       if not k.startswith((f"{prefix}_exact_match", f"{prefix}_caption_", f"{prefix}_source",
-                                            f"{prefix}_prompt_orders"))}
+        # The new figures replace the split's figures of the same task; Trainer's loss figures stay.
+        replaced = ((f"{prefix}_image_to_text", f"{prefix}_text_to_image", f"{prefix}_retrieval") if retrieval else
+                    (f"{prefix}_exact_match", f"{prefix}_caption_", f"{prefix}_source", f"{prefix}_prompt_orders"))
+        run_metrics = {k: v for k, v in run_metrics.items() if not k.startswith(replaced)}
         run_metrics.update({k: v for k, v in metrics.items() if k != "eval_minutes"})
         _write_json_atomically(run_metrics_path, run_metrics)
         card = write_model_card(model, model_dir, model_id=eval_args.model_id or str(model_dir))

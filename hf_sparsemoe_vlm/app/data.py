@@ -90,17 +90,24 @@ def _split(dataset: Dataset, seed: int, validation_fraction: float, test_fractio
 
 
 def _standardise(split: Dataset, source: str, name: str, image_column: str, question_column: str,
-                 answer_column: str) -> Dataset:
-    """Check the columns and texts of one split (errors name the row) and rename them to image/question/answer."""
+                 answer_column: str, caption_column: str | None = None) -> Dataset:
+    """Check the columns and texts of one split (errors name the row) and rename them to image/question/answer (and
+    caption). With `caption_column` (retrieval) an image and a caption per row are what is required."""
     columns = set(split.column_names)
-    required = [image_column] + ([] if "messages" in columns else [question_column, answer_column])
+    if caption_column is not None:
+        required, options = [image_column, caption_column], "--image_column / --caption_column"
+    else:
+        required = [image_column] + ([] if "messages" in columns else [question_column, answer_column])
+        options = "--image_column / --question_column / --answer_column"
     missing = [c for c in required if c not in columns]
     if missing:
         raise ValueError(f"{source} ({name} split): missing column(s) {missing}; columns are {sorted(columns)}. "
-                         "Name them with --image_column / --question_column / --answer_column.")
+                         f"Name them with {options}.")
     renames = {image_column: "image", question_column: "question", answer_column: "answer"}
+    if caption_column is not None:
+        renames[caption_column] = "caption"
     split = split.rename_columns({old: new for old, new in renames.items() if old in columns and old != new})
-    for column in ("question", "answer"):
+    for column in ("question", "answer", "caption"):
         if column in split.column_names:
             empty = [i for i, value in enumerate(split[column]) if not isinstance(value, str) or not value.strip()]
             if empty:
@@ -126,10 +133,12 @@ def _load_source(source: str, image_column: str) -> DatasetDict:
 def load_vlm_splits(source: str, image_column: str = "image", question_column: str = "question",
                     answer_column: str = "answer", seed: int = 0, validation_fraction: float = 0.05,
                     test_fraction: float = 0.05, validation_source: str | None = None,
-                    test_source: str | None = None) -> tuple[DatasetDict, dict[str, str]]:
+                    test_source: str | None = None, caption_column: str | None = None
+                    ) -> tuple[DatasetDict, dict[str, str]]:
     """`load_vlm_dataset`, and where each split comes from (`{"train": ..., "validation": ..., "test": ...}`, one
-    line each, for logs and model cards: the source's own split, a given file, or rows carved from train)."""
-    columns = (image_column, question_column, answer_column)
+    line each, for logs and model cards: the source's own split, a given file, or rows carved from train). With
+    `caption_column` every split needs an image and a caption per row (renamed `caption`), questions optional."""
+    columns = (image_column, question_column, answer_column, caption_column)
     splits = _load_source(source, image_column)
     if "train" not in splits:
         raise ValueError(f"{source}: no `train` split (splits: {sorted(splits)}).")

@@ -49,6 +49,8 @@ _EVAL_METRICS = {
     "caption_rouge1": ("image-to-text", "rouge", "Caption ROUGE-1"),
     "caption_rouge2": ("image-to-text", "rouge", "Caption ROUGE-2"),
     "caption_rougeL": ("image-to-text", "rouge", "Caption ROUGE-L"),
+    "image_to_text_recall@1": ("image-to-text", "recall", "Image-to-text retrieval recall@1"),
+    "text_to_image_recall@1": ("text-to-image", "recall", "Text-to-image retrieval recall@1"),
 }
 
 
@@ -378,6 +380,14 @@ def build_model_card(
            if "test_exact_match_image_first" in metrics else "") + ".")
     if order_note:
         evaluation_summary += " Prompt order: " + order_note
+    if "test_image_to_text_recall@1" in metrics:
+        evaluation_summary += (
+            f" Retrieval (`sparsemoe-vlm evaluate --task retrieval`): every test image against every distinct test "
+            f"caption, scored by the length-normalised likelihood of the caption as the answer to "
+            f"\"{metrics.get('test_retrieval_prompt', '')}\" (text prior weight alpha "
+            f"{metrics.get('test_retrieval_alpha', 0)}); recall@k and mean rank in both directions beside their chance "
+            "levels (`_chance`); an identical caption of another image counts as right, a tie with a wrong one as "
+            "wrong.")
 
     routing = []
     for group in groups:

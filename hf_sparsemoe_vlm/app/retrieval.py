@@ -168,7 +168,8 @@ def score_image_texts(model: SparseMoEVLMForConditionalGeneration, processor: Sp
                 rows.append(_pair_logprobs(model, processor, image, prefix, answers, batch_size))
         scores = torch.stack(rows)
         if alpha > 0:
-            scores = scores - alpha * text_prior(model, processor, texts, prompt=prompt, batch_size=batch_size)[None, :]
+            prior = text_prior(model, processor, texts, prompt=prompt, batch_size=batch_size)
+            scores = scores - alpha * prior[None, :]
         return scores
     finally:
         model.train(was_training)
