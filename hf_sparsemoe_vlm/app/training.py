@@ -430,12 +430,10 @@ def evaluate_answers(model, collator: VLMDataCollator, rows, *, image_first: tup
     add_exact_match(f"{prefix}_exact_match", lambda kind: kind != "caption")
     captions = [i for i, kind in enumerate(kinds) if kind == "caption"]
     if captions:
-        caption_predictions = [a[i] for a in answers.values() for i in captions]
-        caption_references = [references[i] for _ in answers for i in captions]
-        metrics[f"{prefix}_caption_bleu"] = load_metric("caption_bleu").compute(
-            predictions=caption_predictions, references=caption_references)["bleu"]
-        rouge = load_metric("caption_rouge").compute(predictions=caption_predictions, references=caption_references)
-        metrics.update({f"{prefix}_caption_{name}": value for name, value in rouge.items()})
+        scores = load_metric("caption_scores").compute(
+            predictions=[a[i] for a in answers.values() for i in captions],
+            references=[references[i] for _ in answers for i in captions])
+        metrics.update({f"{prefix}_caption_{name}": value for name, value in scores.items()})
     for kind in sorted(set(kinds) - {"answer"}):
         add_exact_match(f"{prefix}_exact_match_{kind}", lambda k, kind=kind: k == kind)
     return metrics, answers

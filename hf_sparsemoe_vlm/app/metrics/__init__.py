@@ -9,7 +9,7 @@ METRICS_DIR = Path(__file__).parent
 
 
 def load_metric(name: str):
-    """Load one of the package's `evaluate` metrics (`"vqa_exact_match"`, `"caption_bleu"`, `"caption_rouge"`)
+    """Load one of the package's `evaluate` metrics (`"vqa_exact_match"`, `"caption_scores"`: BLEU and ROUGE)
     from its file, without the Hub."""
     path = METRICS_DIR / f"{name}.py"
     if not path.is_file():
