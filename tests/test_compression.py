@@ -224,3 +224,23 @@ def test_script_refuses_a_keep_it_cannot_read(saved_model, tmp_path, capsys):
         compress_script.main(["--input", str(saved_model), "--output", str(tmp_path / "o"), "--method", "prune",
                               "--keep", "half"])
     assert exit_info.value.code == 2 and "is not a fraction (0.5) or per-group counts" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides", [
+    {"num_image_experts": 0},  # one pool for every token, as converted MoE-LLaVA checkpoints have
+    {"router_type": "top_p", "router_max_experts_per_tok": 3, "num_image_experts": 4},  # the bound follows the group
+    {"router_type": "relu", "router_bias": True, "num_shared_experts": 1},  # upcycled-style ReLU with shared experts
+])
+def test_every_kind_of_checkpoint_compresses_and_runs(overrides):
+    model = make_model(seed=5, **overrides)
+    batches = calibration(model, batches=1)
+    usage = collect_expert_usage(model, batches)
+    assert {group for _, group in usage} == set(model.config.text_config.expert_groups)
+    for method in ("prune", "merge"):
+        smaller = compress_experts(model, usage, 0.5, method)
+        groups = smaller.config.text_config.expert_groups
+        assert groups == {g: n // 2 for g, n in model.config.text_config.expert_groups.items()}
+        bound = smaller.config.text_config.router_max_experts_per_tok
+        assert bound is None or bound <= min(groups.values())
+        with torch.no_grad():
+            assert torch.isfinite(smaller(**batches[0]).logits).all()
