@@ -3,7 +3,10 @@
 """SparseMoE-VLM configuration: a vision tower, a projector and a Llama-family decoder with sparse,
 modality-aware Mixture-of-Experts layers."""
 
+from typing import Any
+
 from huggingface_hub.dataclasses import strict
+from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 from transformers.modeling_rope_utils import RopeParameters
 from transformers.models.auto.configuration_auto import AutoConfig
@@ -13,13 +16,29 @@ ROUTER_TYPES = ("topk", "top_p", "relu")
 MLP_LAYER_TYPES = ("dense", "sparse")
 VISION_FEATURE_SELECT_STRATEGIES = ("default", "full")
 
+# Vision towers whose image token count `vision_tower_geometry` predicts (tested for each): others are refused rather
+# than guessed (Swin merges patches, ViT-MAE drops them at random, DeiT has two class tokens, RegNet and MobileViT
+# downsample differently).
+SUPPORTED_VISION_TOWERS = ("siglip_vision_model", "clip_vision_model", "dinov2", "dinov2_with_registers", "vit",
+                           "convnext", "convnextv2", "resnet")
 # Vision towers whose sequence has no class token in front of the patch tokens.
 _TOWERS_WITHOUT_CLS_TOKEN = ("siglip_vision_model",)
+# Transformer towers whose position embeddings exist for `vision_config.image_size` only (no interpolation by default).
+_TOWERS_WITH_FIXED_POSITIONS = ("siglip_vision_model", "clip_vision_model", "vit")
+# Keys `to_dict` writes into every saved config: their presence means the arguments come from a file.
+_SERIALISATION_MARKERS = ("transformers_version", "architectures", "auto_map")
 
 
 def _check(condition: bool, field: str, message: str) -> None:
     if not condition:
         raise ValueError(f"`{field}` {message}")
+
+
+def _check_activation(name: Any, field: str) -> None:
+    # An unknown name would only fail when the model is built, with a bare KeyError from ACT2FN.
+    _check(isinstance(name, str) and name in ACT2FN, field,
+           f"{name!r} is not an activation of transformers (`transformers.activations.ACT2FN`); use one of "
+           f"{sorted(ACT2FN)}.")
 
 
 @strict
@@ -149,6 +168,11 @@ class SparseMoEVLMTextConfig(PreTrainedConfig):
                       "head_dim", "max_position_embeddings", "moe_intermediate_size"):
             _check(getattr(self, field) > 0, field, f"must be a positive integer, got {getattr(self, field)}.")
         _check(self.intermediate_size >= 0, "intermediate_size", f"must be >= 0, got {self.intermediate_size}.")
+        _check_activation(self.hidden_act, "hidden_act")
+        # nn.Embedding counts a negative `padding_idx` from the end: -1 would silently freeze the last token's row.
+        _check(self.pad_token_id is None or 0 <= self.pad_token_id < self.vocab_size, "pad_token_id",
+               f"({self.pad_token_id}) must be None or in [0, {self.vocab_size}) (`vocab_size`): set it to the "
+               "tokenizer's pad token id, or None if it has none.")
         _check(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
                f"({self.num_key_value_heads}) must divide `num_attention_heads` ({self.num_attention_heads}).")
         for field in ("num_image_experts", "num_shared_experts"):
@@ -204,6 +228,15 @@ class SparseMoEVLMTextConfig(PreTrainedConfig):
         return groups
 
 
+def _check_supported_tower(model_type: str | None) -> None:
+    if model_type not in SUPPORTED_VISION_TOWERS:
+        raise ValueError(
+            f"`vision_config` model_type {model_type!r} is not supported: SparseMoE-VLM cannot produce image features "
+            "from it, as the number of image tokens it gives cannot be predicted from its config. Supported vision "
+            f"towers: {', '.join(SUPPORTED_VISION_TOWERS)}."
+        )
+
+
 def vision_tower_geometry(vision_config: PreTrainedConfig, image_size: int, feature_layer: int,
                           select_strategy: str) -> tuple[int, int]:
     """Number of image tokens one image becomes, and their feature width, for a vision tower config.
@@ -213,6 +246,7 @@ def vision_tower_geometry(vision_config: PreTrainedConfig, image_size: int, feat
     feature maps whose pixels become tokens. Raises `ValueError` for towers that cannot produce such features.
     """
     model_type = getattr(vision_config, "model_type", None)
+    _check_supported_tower(model_type)
     hidden_sizes = getattr(vision_config, "hidden_sizes", None)
     if hidden_sizes:  # convolutional tower: hidden_states = (stem, stage_1, ..., stage_n)
         num_states = len(hidden_sizes) + 1
@@ -236,6 +270,10 @@ def vision_tower_geometry(vision_config: PreTrainedConfig, image_size: int, feat
             "vision transformers with `image_size`, `patch_size` and `hidden_size` (SigLIP, CLIP, DINOv2, ViT) or "
             "convolutional backbones with `hidden_sizes` (ConvNeXt, ResNet). Pass one of those vision configs."
         )
+    _check(patch_size > 0, "vision_config.patch_size", f"must be a positive integer, got {patch_size}.")
+    _check(image_size >= patch_size, "image_size",
+           f"({image_size}) is smaller than `vision_config.patch_size` ({patch_size}): the tower would give no image "
+           "token. Use images of at least one patch.")
     num_layers = getattr(vision_config, "num_hidden_layers", None)
     if isinstance(num_layers, int):  # hidden_states = (embeddings, layer_1, ..., layer_n)
         _check(num_layers >= 1, "vision_config.num_hidden_layers",
@@ -248,24 +286,37 @@ def vision_tower_geometry(vision_config: PreTrainedConfig, image_size: int, feat
     return num_patches, hidden_size
 
 
+def _refuse_missing_sub_configs(sub_configs: dict[str, Any]) -> None:
+    """A saved config always holds both sub-configs. Without one, the defaults would take its place (a 24-layer,
+    2048-wide decoder: gigabytes allocated before the checkpoint's weights fail to load)."""
+    for key, value in sub_configs.items():
+        if value is None:
+            raise ValueError(
+                f"The SparseMoE-VLM config to load has no `{key}`: a config written by `save_pretrained` holds both "
+                "`vision_config` and `text_config`. Add the missing sub-config to config.json (or pass it, e.g. "
+                f"`from_pretrained(path, {key}=...)`); build `SparseMoEVLMConfig(...)` in code for the defaults."
+            )
+
+
 @strict
 class SparseMoEVLMConfig(PreTrainedConfig):
     r"""
-    Configuration of [`SparseMoEVLMForConditionalGeneration`]: a vision tower (any in-library vision encoder
-    resolvable through `AutoConfig`; SigLIP by default), a two-layer MLP projector and a
-    [`SparseMoEVLMTextConfig`] sparse decoder.
+    Configuration of [`SparseMoEVLMForConditionalGeneration`]: a vision tower (an in-library vision encoder from
+    `SUPPORTED_VISION_TOWERS`; SigLIP by default), a two-layer MLP projector and a [`SparseMoEVLMTextConfig`] sparse
+    decoder.
 
     Args:
         vision_config (`dict` or `PreTrainedConfig`, *optional*):
-            Vision tower config. SigLIP, CLIP, DINOv2 and ViT towers give patch tokens; ConvNeXt and ResNet give
-            feature maps flattened to tokens.
+            Vision tower config. SigLIP, CLIP, DINOv2 (with or without registers) and ViT towers give patch tokens;
+            ConvNeXt (V1, V2) and ResNet give feature maps flattened to tokens. Other towers are refused: their
+            number of image tokens cannot be predicted from their config.
         text_config (`dict` or `SparseMoEVLMTextConfig`, *optional*):
             Sparse decoder config.
         image_token_id (`int`, *optional*, defaults to 32000):
             Id of the placeholder token replaced by image features.
         image_size (`int`, *optional*):
             Square resolution fed to the vision tower. Defaults to `vision_config.image_size` (224 for towers that
-            have none, e.g. ResNet).
+            have none, e.g. ResNet); SigLIP, CLIP and ViT towers take only their own `vision_config.image_size`.
         image_seq_length (`int`, *optional*):
             Number of image tokens per image. Derived from the tower; a given value must match.
         projector_hidden_act (`str`, *optional*, defaults to `"gelu"`):
@@ -315,6 +366,9 @@ class SparseMoEVLMConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        from_file = any(marker in kwargs for marker in _SERIALISATION_MARKERS)
+        if from_file:
+            _refuse_missing_sub_configs({"vision_config": self.vision_config, "text_config": self.text_config})
         super().__post_init__(**kwargs)
         _check(isinstance(self.text_config, SparseMoEVLMTextConfig), "text_config",
                f"must be a SparseMoEVLMTextConfig (or its dict), got {type(self.text_config).__name__}.")
@@ -325,9 +379,18 @@ class SparseMoEVLMConfig(PreTrainedConfig):
         _check(self.vision_feature_select_strategy in VISION_FEATURE_SELECT_STRATEGIES,
                "vision_feature_select_strategy",
                f"must be one of {VISION_FEATURE_SELECT_STRATEGIES}, got {self.vision_feature_select_strategy!r}.")
+        _check_supported_tower(getattr(self.vision_config, "model_type", None))
+        _check_activation(self.projector_hidden_act, "projector_hidden_act")
+        tower_image_size = getattr(self.vision_config, "image_size", None)
         if self.image_size is None:
-            self.image_size = getattr(self.vision_config, "image_size", None) or 224
+            self.image_size = tower_image_size or 224
         _check(self.image_size > 0, "image_size", f"must be a positive integer, got {self.image_size}.")
+        if self.vision_config.model_type in _TOWERS_WITH_FIXED_POSITIONS:
+            # The tower's forward would fail on a position embedding size mismatch deep inside the tower.
+            _check(self.image_size == tower_image_size, "image_size",
+                   f"({self.image_size}) differs from `vision_config.image_size` ({tower_image_size}): "
+                   f"{self.vision_config.model_type} towers have position embeddings for that size only. Leave "
+                   "`image_size` unset, or set both to the same value.")
         num_tokens, _ = vision_tower_geometry(self.vision_config, self.image_size, self.vision_feature_layer,
                                               self.vision_feature_select_strategy)
         if self.image_seq_length is None:
@@ -338,9 +401,40 @@ class SparseMoEVLMConfig(PreTrainedConfig):
         _check(0 <= self.image_token_id < self.text_config.vocab_size, "image_token_id",
                f"({self.image_token_id}) must be inside the vocabulary (`text_config.vocab_size`="
                f"{self.text_config.vocab_size}).")
+        if from_file:
+            self.check_special_tokens()
         # Like Llava: a checkpoint may carry the flag on its text config only.
         if not self.tie_word_embeddings and self.text_config.tie_word_embeddings:
             self.tie_word_embeddings = True
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs) -> "SparseMoEVLMConfig":
+        config_dict = dict(config_dict)
+        for key in ("vision_config", "text_config"):  # a sub-config passed when loading completes the dict
+            if config_dict.get(key) is None and kwargs.get(key) is not None:
+                config_dict[key] = kwargs.pop(key)
+        _refuse_missing_sub_configs({key: config_dict.get(key) for key in ("vision_config", "text_config")})
+        return super().from_dict(config_dict, **kwargs)
+
+    def check_special_tokens(self) -> None:
+        """Raise a `ValueError` when `image_token_id` is also the decoder's EOS, pad or BOS token.
+
+        Checked when a config is loaded from a file, saved, and on every forward of the model, not when one is built
+        in code: conversion scripts build a config with a placeholder image token id and set the tokenizer's once the
+        embeddings have its row (as `build_processor` does)."""
+        text_config = self.text_config
+        # As the EOS token, generation could never stop (the image token is suppressed) and no EOS would be learnt
+        # (image-token labels are ignored); as the pad or BOS token, those positions would count as image tokens.
+        for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
+            value = getattr(text_config, name, None)
+            ids = value if isinstance(value, (list, tuple)) else [value]
+            _check(self.image_token_id not in ids, "image_token_id",
+                   f"({self.image_token_id}) is also `text_config.{name}` ({value}): the image placeholder needs a "
+                   "token of its own (the processor's `<image>` token; `build_processor` sets it).")
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        self.check_special_tokens()
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     @property
     def _experts_implementation(self) -> str | None:
@@ -359,4 +453,4 @@ class SparseMoEVLMConfig(PreTrainedConfig):
                                      self.vision_feature_select_strategy)[1]
 
 
-__all__ = ["SparseMoEVLMConfig", "SparseMoEVLMTextConfig"]
+__all__ = ["SUPPORTED_VISION_TOWERS", "SparseMoEVLMConfig", "SparseMoEVLMTextConfig"]

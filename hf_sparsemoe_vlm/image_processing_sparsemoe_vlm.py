@@ -5,6 +5,7 @@
 import os
 from typing import Any
 
+import huggingface_hub.constants
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
@@ -50,8 +51,14 @@ def _describe(image: Any) -> str:
 
 def load_image_file(path: str) -> PIL.Image.Image:
     """Open an image file (or URL) fully with PIL, upright per its EXIF orientation. Raises `FileNotFoundError` for a
-    missing path and `ValueError` naming the path for an unreadable or truncated file."""
+    missing path and `ValueError` naming the path for an unreadable or truncated file, or for a URL in offline
+    mode."""
     if path.startswith(("http://", "https://")):
+        if huggingface_hub.constants.is_offline_mode():
+            raise ValueError(
+                f"Cannot fetch image {path!r}: offline mode (HF_HUB_OFFLINE=1) forbids network access. Download the "
+                "image and pass a PIL image or a local file path instead, or unset HF_HUB_OFFLINE."
+            )
         return load_image(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Image file not found: {path!r}")

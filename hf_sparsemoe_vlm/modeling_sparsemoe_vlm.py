@@ -637,6 +637,57 @@ class SparseMoEVLMPreTrainedModel(PreTrainedModel):
                 init.constant_(module.laplace_inv_scale, 1.0 / config.router_laplace_b)
 
 
+def _type_name(value) -> str:
+    module = type(value).__module__
+    return type(value).__name__ if module == "builtins" else f"{module.split('.')[0]}.{type(value).__name__}"
+
+
+def _check_token_inputs(
+    input_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    cache: Cache | None,
+) -> None:
+    """Raise a `TypeError` / `ValueError` naming the argument for token inputs PyTorch would fail on deep inside the
+    decoder, or, for a short attention mask, silently pad. Shapes only: no device sync."""
+    if input_ids is not None:
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"`input_ids` must be a torch.Tensor, got {_type_name(input_ids)}: call the processor "
+                            'with `return_tensors="pt"` (or wrap the ids with `torch.as_tensor`).')
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise TypeError(f"`input_ids` must be a tensor of integer token ids (torch.long), got {input_ids.dtype}.")
+        name, shape, dims = "input_ids", tuple(input_ids.shape), "(batch_size, sequence_length)"
+    else:
+        if not isinstance(inputs_embeds, torch.Tensor):
+            raise TypeError(f"`inputs_embeds` must be a torch.Tensor, got {_type_name(inputs_embeds)}.")
+        name, shape, dims = "inputs_embeds", tuple(inputs_embeds.shape), "(batch_size, sequence_length, hidden_size)"
+    if len(shape) != dims.count(",") + 1:
+        raise ValueError(f"`{name}` must have shape {dims}, got {shape}: add the batch dimension (`{name}[None]`) "
+                         "for a single sequence.")
+    if 0 in shape[:2]:
+        raise ValueError(f"`{name}` is empty (shape {shape}): pass at least one sequence of at least one token.")
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:  # 4D masks are the caller's own
+        batch_size, seq_len = shape[:2]
+        if attention_mask.shape[0] != batch_size:
+            raise ValueError(f"`attention_mask` has {attention_mask.shape[0]} row(s) but the input has {batch_size}: "
+                             "give one mask row per sequence.")
+        past = cache.get_seq_length() if cache is not None else 0
+        if attention_mask.shape[1] < past + seq_len:
+            needed = f"{past + seq_len} ({past} cached + {seq_len} new)" if past else str(seq_len)
+            raise ValueError(
+                f"`attention_mask` covers {attention_mask.shape[1]} positions but the input needs {needed}: the mask "
+                "covers the cached tokens and the new ones (the processor's mask, one more 1 per generated token)."
+            )
+
+
+def _check_mm_token_type_ids(mm_token_type_ids: torch.Tensor | None, inputs_embeds: torch.Tensor) -> None:
+    if mm_token_type_ids is not None and tuple(mm_token_type_ids.shape) != tuple(inputs_embeds.shape[:2]):
+        raise ValueError(
+            f"`mm_token_type_ids` has shape {tuple(mm_token_type_ids.shape)} but the input is "
+            f"{tuple(inputs_embeds.shape[:2])} (batch, sequence length): give one entry per token."
+        )
+
+
 class SparseMoEVLMTextModel(SparseMoEVLMPreTrainedModel):
     """The sparse decoder, without the LM head."""
 
@@ -679,8 +730,11 @@ class SparseMoEVLMTextModel(SparseMoEVLMPreTrainedModel):
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if not torch.compiler.is_compiling():
+            _check_token_inputs(input_ids, inputs_embeds, attention_mask, cache)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        _check_mm_token_type_ids(mm_token_type_ids, inputs_embeds)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if position_ids is None:
@@ -774,10 +828,7 @@ class SparseMoEVLMModel(SparseMoEVLMPreTrainedModel):
     ) -> SparseMoEVLMImageFeaturesOutput:
         """Run the vision tower and the projector. `pooler_output` holds the projected features,
         `(num_images, image_seq_length, hidden_size)`; `vision_tokens` the tower features they come from."""
-        if pixel_values.ndim != 4:
-            raise ValueError(
-                f"`pixel_values` must have shape (num_images, channels, height, width), got {tuple(pixel_values.shape)}."
-            )
+        self.check_pixel_values(pixel_values)
         output_hidden_states = kwargs.pop("output_hidden_states", None)
         tower_dtype = next(self.vision_tower.parameters()).dtype
         # Ask only for the hidden state the features come from (towers that capture outputs keep just that one, as
@@ -802,10 +853,57 @@ class SparseMoEVLMModel(SparseMoEVLMPreTrainedModel):
             vision_tokens=features,
         )
 
+    def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        """Raise a `TypeError` / `ValueError` naming the fix for pixel values the vision tower cannot take, or would
+        turn into NaN logits (non-finite values) or wrong features (raw integer pixels) without an error."""
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(f"`pixel_values` must be a torch.Tensor, got {_type_name(pixel_values)}: call the "
+                            'processor with `return_tensors="pt"` (or wrap the array with `torch.as_tensor`).')
+        if not pixel_values.is_floating_point():
+            raise TypeError(f"`pixel_values` must be a floating-point tensor of normalised pixels, got "
+                            f"{pixel_values.dtype}: raw images go through the processor, which rescales and "
+                            "normalises them.")
+        if pixel_values.ndim != 4:
+            raise ValueError(f"`pixel_values` must have shape (num_images, channels, height, width), got "
+                             f"{tuple(pixel_values.shape)}.")
+        channels = getattr(self.config.vision_config, "num_channels", None)
+        if isinstance(channels, int) and pixel_values.shape[1] != channels:
+            raise ValueError(f"`pixel_values` has {pixel_values.shape[1]} channels but the vision tower takes "
+                             f"{channels} (`vision_config.num_channels`): use the processor with "
+                             "`do_convert_rgb=True`.")
+        size = self.config.image_size
+        height, width = pixel_values.shape[-2:]
+        if (height, width) != (size, size):
+            raise ValueError(
+                f"`pixel_values` are {height}x{width} images but the model takes {size}x{size} (`config.image_size`): "
+                "preprocess images with the model's processor (`SparseMoEVLMImageProcessor.from_model_config(config)`"
+                "), which resizes them."
+            )
+        # One device sync, on the forwards that carry images only (prefill, training); skipped under torch.compile.
+        if not torch.compiler.is_compiling() and not torch.isfinite(pixel_values).all():
+            bad = (~torch.isfinite(pixel_values)).flatten(1).any(-1).nonzero().flatten().tolist()
+            raise ValueError(
+                f"`pixel_values` has NaN or infinite values (image(s) {bad[:8]}{'...' if len(bad) > 8 else ''}): they "
+                "would give NaN logits. Check how the images were loaded and normalised (a zero in `image_std` "
+                "divides by zero); the processor refuses non-finite images."
+            )
+
+    def check_no_image_tokens(self, input_ids: torch.Tensor) -> None:
+        """Raise a `ValueError` when `input_ids` has image tokens but no image comes with them: the placeholders
+        would run through the decoder as plain token embeddings."""
+        n_image_tokens = int((input_ids == self.config.image_token_id).sum())
+        if n_image_tokens:
+            raise ValueError(
+                f"`input_ids` has {n_image_tokens} image tokens (id {self.config.image_token_id}) but no "
+                "`pixel_values`: pass the images' `pixel_values` (the processor returns them with the text), or drop "
+                "the image placeholders from a text-only prompt."
+            )
+
     def get_placeholder_mask(
         self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, image_features: torch.Tensor
     ) -> torch.Tensor:
-        """Boolean `(batch, seq_len)` mask of the image token positions; checks there is one per image feature."""
+        """Boolean `(batch, seq_len)` mask of the image token positions; checks there is one per image feature and
+        that each image's tokens are consecutive in one row."""
         if input_ids is None:
             image_embedding = self.get_input_embeddings()(
                 torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
@@ -813,14 +911,31 @@ class SparseMoEVLMModel(SparseMoEVLMPreTrainedModel):
             special_image_mask = (inputs_embeds == image_embedding).all(-1)
         else:
             special_image_mask = input_ids == self.config.image_token_id
-        n_image_tokens = int(special_image_mask.sum())
-        n_image_features = image_features.shape[0] * image_features.shape[1]
+        # Features are scattered in row-major order: a run of image tokens whose end is not a whole number of images
+        # into its row would take one image's features across two runs (or rows).
+        seq_length = image_features.shape[1]
+        run_ends = special_image_mask & ~F.pad(special_image_mask[:, 1:], (0, 1), value=False)
+        cut = run_ends & (special_image_mask.cumsum(-1) % seq_length != 0)
+        n_image_tokens, n_cut = torch.stack([special_image_mask.sum(), cut.sum()]).tolist()
+        n_image_features = image_features.shape[0] * seq_length
         if n_image_tokens != n_image_features:
             raise ValueError(
                 f"Image features and image tokens do not match: the text has {n_image_tokens} image tokens but "
-                f"{image_features.shape[0]} image(s) give {n_image_features} features ({image_features.shape[1]} "
+                f"{image_features.shape[0]} image(s) give {n_image_features} features ({seq_length} "
                 f"per image). Each image needs exactly {self.config.image_seq_length} image tokens "
                 f"(id {self.config.image_token_id}); use the processor to expand image placeholders."
+            )
+        if n_cut:
+            row, end = cut.nonzero()[0].tolist()
+            is_image = special_image_mask[row, : end + 1].tolist()
+            start = end
+            while start > 0 and is_image[start - 1]:
+                start -= 1
+            raise ValueError(
+                f"Image tokens split an image: row {row} has a run of {end - start + 1} image tokens (positions "
+                f"{start}-{end}), not a multiple of the {seq_length} per image. Each image needs {seq_length} "
+                f"consecutive image tokens (id {self.config.image_token_id}) in one row; use the processor to expand "
+                "image placeholders."
             )
         return special_image_mask
 
@@ -843,6 +958,13 @@ class SparseMoEVLMModel(SparseMoEVLMPreTrainedModel):
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if not torch.compiler.is_compiling():
+            self.config.check_special_tokens()
+            _check_token_inputs(input_ids, inputs_embeds, attention_mask, cache)
+            if pixel_values is None and input_ids is not None and cache is None:
+                # Only without a cache: decoding steps after the prefill with the images have none, and `generate`
+                # checks its prefill itself (`prepare_inputs_for_generation`).
+                self.check_no_image_tokens(input_ids)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         if mm_token_type_ids is None and input_ids is not None:
@@ -856,11 +978,7 @@ class SparseMoEVLMModel(SparseMoEVLMPreTrainedModel):
                 "experts. For text-only embeddings pass `mm_token_type_ids=torch.zeros(inputs_embeds.shape[:2])`. "
                 "(vLLM's Transformers backend passes neither: serve checkpoints with `num_image_experts=0` there.)"
             )
-        if mm_token_type_ids is not None and tuple(mm_token_type_ids.shape) != tuple(inputs_embeds.shape[:2]):
-            raise ValueError(
-                f"`mm_token_type_ids` has shape {tuple(mm_token_type_ids.shape)} but the input is "
-                f"{tuple(inputs_embeds.shape[:2])} (batch, sequence length): give one entry per token."
-            )
+        _check_mm_token_type_ids(mm_token_type_ids, inputs_embeds)
 
         image_outputs = None
         image_features = None
@@ -991,14 +1109,27 @@ class SparseMoEVLMForConditionalGeneration(SparseMoEVLMPreTrainedModel, Generati
             router.adapt_laplace_scale()
 
     def prepare_inputs_for_generation(
-        self, input_ids: torch.LongTensor, *args, mm_token_type_ids: torch.Tensor | None = None, **kwargs
+        self,
+        input_ids: torch.LongTensor,
+        *args,
+        mm_token_type_ids: torch.Tensor | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs,
     ) -> dict:
         if mm_token_type_ids is not None and mm_token_type_ids.shape[-1] < input_ids.shape[-1]:
             # Assisted decoding appends candidate tokens without extending the modality mask (it only extends
             # `token_type_ids`); generated tokens are always text (the image token is suppressed).
             missing = input_ids.shape[-1] - mm_token_type_ids.shape[-1]
             mm_token_type_ids = torch.cat([mm_token_type_ids, mm_token_type_ids.new_zeros(input_ids.shape[0], missing)], -1)
-        return super().prepare_inputs_for_generation(input_ids, *args, mm_token_type_ids=mm_token_type_ids, **kwargs)
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, *args, mm_token_type_ids=mm_token_type_ids, is_first_iteration=is_first_iteration, **kwargs
+        )
+        input_ids = model_inputs.get("input_ids")
+        if is_first_iteration and model_inputs.get("pixel_values") is None and input_ids is not None:
+            # The prefill of the prompt. An assistant model's prefill is not a first iteration: Transformers drops its
+            # pixel values on purpose (the main model checks the drafts).
+            self.model.check_no_image_tokens(input_ids)
+        return model_inputs
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
@@ -1051,6 +1182,11 @@ class SparseMoEVLMForConditionalGeneration(SparseMoEVLMPreTrainedModel, Generati
             output_router_logits = text_config.output_router_logits
         # Routing is always recorded when training (labels given): the router losses need it.
         record_routing = bool(output_router_logits) or bool(output_routing) or labels is not None
+
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        if labels is not None and isinstance(tokens, torch.Tensor) and labels.shape != tokens.shape[:2]:
+            raise ValueError(f"`labels` has shape {tuple(labels.shape)} but the input is {tuple(tokens.shape[:2])} "
+                             "(batch, sequence length): give one label per token (-100 where none).")
 
         outputs = self.model(
             input_ids=input_ids,

@@ -80,6 +80,21 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
     return tokenizer
 
 
+def _check_encodable(text: str, index: int) -> None:
+    """Lone surrogates (from bytes decoded with `errors="surrogateescape"`, or a broken `\\ud83d` JSON escape) are not
+    valid Unicode: the tokenizer fails on them with an unrelated `TypeError`."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"`text`[{index}] has a lone surrogate {text[error.start]!r} at character {error.start} (context: "
+            f"{text[max(error.start - 20, 0) : error.start + 20]!r}), which is not valid Unicode: fix the text's "
+            "decoding, or drop such characters with `text.encode('utf-8', 'replace').decode('utf-8')`."
+        ) from None
+
+
 class SparseMoEVLMProcessor(ProcessorMixin):
     r"""
     Wraps a [`SparseMoEVLMImageProcessor`] and a tokenizer into one processor.
@@ -155,6 +170,10 @@ class SparseMoEVLMProcessor(ProcessorMixin):
         ):
             raise TypeError(f"`text` must be a string or a list of strings, got {type(text).__name__}"
                             + (f" of {type(text[0]).__name__}" if isinstance(text, (list, tuple)) and text else ""))
+        if isinstance(text, (list, tuple)) and not text:
+            raise ValueError("`text` is an empty list: pass at least one prompt (a string or a list of strings).")
+        for index, prompt in enumerate([text] if isinstance(text, str) else text or []):
+            _check_encodable(prompt, index)
         if images is not None and isinstance(images, (int, float, dict, bytes, bool)):
             raise TypeError("`images` must be a PIL image, numpy array, torch tensor or image path, or a list of "
                             f"them; got {type(images).__name__}.")
@@ -176,6 +195,21 @@ class SparseMoEVLMProcessor(ProcessorMixin):
                     "since a cut through image tokens would break the image."
                 )
         return outputs
+
+    def apply_chat_template(self, conversation: list[dict] | list[list[dict]], *args, **kwargs):
+        """`ProcessorMixin.apply_chat_template`, refusing empty conversations: they would render to the BOS token
+        alone (or fail with an `IndexError`) instead of a prompt."""
+        batched = isinstance(conversation, (list, tuple)) and bool(conversation) and (
+            isinstance(conversation[0], (list, tuple)) or hasattr(conversation[0], "messages"))
+        for index, messages in enumerate(conversation if batched else [conversation]):
+            messages = getattr(messages, "messages", messages)
+            if isinstance(messages, (list, tuple)) and not messages:
+                where = f"Conversation {index} of the batch" if batched else "The conversation"
+                raise ValueError(
+                    f"{where} has no message: pass a list of messages such as `[{{'role': 'user', 'content': "
+                    "[{'type': 'image'}, {'type': 'text', 'text': '...'}]}]` (a list of such lists for a batch)."
+                )
+        return super().apply_chat_template(conversation, *args, **kwargs)
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         return self.image_token * self.image_seq_length
