@@ -698,3 +698,28 @@ def test_push_command_keeps_a_converted_models_base_model_and_creates_a_private_
             print("NOT FOUND", error.response.status_code)
     """, HF_TOKEN=None)
     assert "NOT FOUND 401" in result.stdout
+
+
+def test_push_command_refuses_a_checkpoint_with_a_missing_tensor(tmp_path):
+    """A tensor missing from model.safetensors loads as fresh random weights with only a warning: uploading that
+    would publish a broken model."""
+    from safetensors.torch import load_file, save_file
+
+    from hf_sparsemoe_vlm.app.cli import main
+
+    folder = tmp_path / "run"
+    _training_folder(folder)
+    weights = load_file(folder / "model.safetensors")
+    weights.pop("model.language_model.layers.0.mlp.text_moe.experts.down_proj")
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(SystemExit, match=r"weights do not match its config \(missing keys: \['model.language_model"
+                                         r"\.layers\.0\.mlp\.text_moe\.experts\.down_proj'\]\)"):
+        main(["push", str(folder), "org/never"])  # refused before any Hub call (this process is offline)
+
+
+@pytest.mark.parametrize("revision", ["bad name", "v1..v2", "-x", "feature/", "x.lock", "a:b"])
+def test_push_command_refuses_an_invalid_branch_name_before_loading_anything(revision, tmp_path):
+    from hf_sparsemoe_vlm.app.cli import main
+
+    with pytest.raises(SystemExit, match="not a valid git branch name"):
+        main(["push", str(tmp_path / "not-even-a-folder"), "org/model", f"--revision={revision}"])

@@ -372,9 +372,6 @@ def push(argv: list[str]) -> str:
     not match the model), stage model + processor + model card (+ routing plot), have the Hub validate the card's
     metadata and upload them in one commit.
     Returns the commit URL."""
-
-
-
     # `push <folder> <repo_id>`: the two positionals become --folder / --repo_id.
     argv, positional = list(argv), []
     while argv and not argv[0].startswith("-") and len(positional) < 2:
@@ -392,15 +389,27 @@ def push(argv: list[str]) -> str:
         datasets = hub_dataset_ids(args.datasets, "--datasets")
     except ValueError as error:
         raise SystemExit(f"Refusing to push: {error}") from None
+    if args.revision is not None and not _valid_branch_name(args.revision):
+        raise SystemExit(f"Refusing to push to the branch {args.revision!r}: not a valid git branch name (no spaces, "
+                         "'..', '~', '^', ':', '?', '*', '[', '\\', '@{', no leading '-' or '/', no trailing '/', "
+                         "'.' or '.lock'). Name the branch e.g. `v1` or `experiments/moe-4e`.")
     if not (folder / "config.json").is_file():
         raise SystemExit(f"Refusing to upload {folder}: no config.json there. Pass a folder written by "
                          f"`save_pretrained` or `sparsemoe-vlm train`.")
     try:
-        model = SparseMoEVLMForConditionalGeneration.from_pretrained(folder)
+        model, loading = SparseMoEVLMForConditionalGeneration.from_pretrained(folder, output_loading_info=True)
         processor = SparseMoEVLMProcessor.from_pretrained(folder)
     except Exception as error:  # anything that stops a user from loading it stops the upload
         raise SystemExit(f"Refusing to upload {folder}: it does not load ({type(error).__name__}: {error}). "
                          f"Fix or re-save the checkpoint, then push again.") from None
+    # Missing weights load as fresh random ones with only a warning: uploading them would publish a broken model.
+    problems = {name: sorted(map(str, loading.get(name) or ())) for name in ("missing_keys", "mismatched_keys",
+                                                                             "unexpected_keys")}
+    if any(problems.values()):
+        listed = "; ".join(f"{name.replace('_', ' ')}: {keys[:4]}" + (" ..." if len(keys) > 4 else "")
+                           for name, keys in problems.items() if keys)
+        raise SystemExit(f"Refusing to upload {folder}: its weights do not match its config ({listed}). The "
+                         f"checkpoint is incomplete or from another model; re-save it, then push again.")
     config = model.config
     if processor.image_token_id != config.image_token_id or processor.image_seq_length != config.image_seq_length:
         raise SystemExit(
@@ -447,6 +456,15 @@ def push(argv: list[str]) -> str:
                 f"may write to this namespace, and the endpoint ({constants.ENDPOINT}).") from None
     print(f"Pushed {folder} to {args.repo_id} ({args.revision or 'main'}): {commit.commit_url}")
     return commit.commit_url
+
+
+def _valid_branch_name(name: str) -> bool:
+    """Whether `name` is a branch name git (and the Hub) accepts (`git check-ref-format --branch` rules)."""
+    forbidden = (" ", "..", "~", "^", ":", "?", "*", "[", "\\", "@{", "//", "\t", "\n")
+    return (bool(name) and not any(part in name for part in forbidden) and name != "@"
+            and not name.startswith(("-", "/", ".")) and not name.endswith(("/", ".", ".lock"))
+            and all(not part.startswith(".") and not part.endswith(".lock") for part in name.split("/"))
+            and all(ord(c) >= 32 and c != "\x7f" for c in name))
 
 
 @dataclass
