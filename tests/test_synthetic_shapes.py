@@ -4,6 +4,7 @@ from datasets import Image as ImageFeature
 
 from hf_sparsemoe_vlm.app.synthetic_shapes import (
     COLOURS,
+    MIN_IMAGE_SIZE,
     NUMBER_WORDS,
     QUESTION_TYPES,
     SHAPES,
@@ -71,3 +72,11 @@ def test_single_shape_curriculum_comes_first_in_the_training_split():
         generate_examples(3, seed=0, question_types=("position",), max_shapes=1)
     with pytest.raises(ValueError, match="max_shapes"):
         generate_examples(3, seed=0, max_shapes=4)
+
+
+def test_images_too_small_for_three_shapes_are_refused_not_looped_on():
+    with pytest.raises(ValueError, match=f"at least {MIN_IMAGE_SIZE} px"):
+        make_synthetic_dataset(4, 0, 0, image_size=16)
+    with pytest.raises(ValueError, match="num_train must be >= 0"):
+        make_synthetic_dataset(-1, 0, 0)
+    assert len(make_synthetic_dataset(4, 0, 0, image_size=MIN_IMAGE_SIZE)["train"]) == 4

@@ -295,3 +295,19 @@ def test_synthetic_only_options_need_the_synthetic_data(tmp_path, flag, message)
     with pytest.raises(ValueError, match=message):
         main(["train", "--dataset", str(data), flag, "10", "--output_dir", str(tmp_path / "o"),
               "--max_steps", "1", "--use_cpu", "true"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be >= 1, got 0"),
+    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be >= 1, got 0"),
+    (["--num_train_examples", "0"], "--num_train_examples must be >= 1 to train on the synthetic set"),
+    (["--num_test_examples", "-1"], "--num_test_examples must be >= 0, got -1"),
+    (["--image_size", "0"], "--image_size must be >= 20"),
+    (["--image_size", "16"], "--image_size must be >= 20"),  # used to hang placing shapes
+])
+def test_bad_training_flags_are_refused_before_anything_runs(flags, message, tmp_path):
+    from hf_sparsemoe_vlm.app.cli import main
+
+    with pytest.raises(ValueError, match=message):
+        main(["train", "--output_dir", str(tmp_path / "run"), *flags])
+    assert not (tmp_path / "run").exists()

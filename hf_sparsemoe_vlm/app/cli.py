@@ -32,7 +32,13 @@ from .model_card import (
     write_model_card,
 )
 from .retrieval import DEFAULT_RETRIEVAL_PROMPT, retrieval_metrics, score_image_texts
-from .synthetic_shapes import PATCH_LABELS, QUESTION_TYPES, make_synthetic_dataset, patch_label_batches
+from .synthetic_shapes import (
+    MIN_IMAGE_SIZE,
+    PATCH_LABELS,
+    QUESTION_TYPES,
+    make_synthetic_dataset,
+    patch_label_batches,
+)
 from .training import (
     PROMPT_ORDERS,
     TRAINING_STAGES,
@@ -150,7 +156,23 @@ TRAIN_DEFAULTS = {
 def parse_train_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), prog="sparsemoe-vlm train")
     parser.set_defaults(**TRAIN_DEFAULTS)
-    return parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    # Checked before any data is made or any step runs (these otherwise fail deep inside a library, or late).
+    for flag, value, least in (("--gradient_accumulation_steps", training_args.gradient_accumulation_steps, 1),
+                               ("--per_device_train_batch_size", training_args.per_device_train_batch_size, 1),
+                               ("--per_device_eval_batch_size", training_args.per_device_eval_batch_size, 1),
+                               ("--num_validation_examples", data_args.num_validation_examples, 0),
+                               ("--num_test_examples", data_args.num_test_examples, 0)):
+        if value < least:
+            raise ValueError(f"{flag} must be >= {least}, got {value}.")
+    if data_args.dataset == "synthetic":
+        if data_args.num_train_examples < 1:
+            raise ValueError(f"--num_train_examples must be >= 1 to train on the synthetic set, got "
+                             f"{data_args.num_train_examples}. To score a saved model use `sparsemoe-vlm evaluate`.")
+        if data_args.image_size < MIN_IMAGE_SIZE:
+            raise ValueError(f"--image_size must be >= {MIN_IMAGE_SIZE} (three separate shapes per image), got "
+                             f"{data_args.image_size}.")
+    return model_args, data_args, training_args
 
 
 def resolve_prompt_order(data_args: DataArguments) -> str:

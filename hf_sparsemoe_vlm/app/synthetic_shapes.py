@@ -22,6 +22,8 @@ COLOURS = {
 SHAPES = ("circle", "square", "triangle")
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
 QUESTION_TYPES = ("colour", "shape", "count", "position", "caption")
+# Three shapes no smaller than 3 px in radius, apart and in distinct columns, need at least this many pixels a side.
+MIN_IMAGE_SIZE = 20
 
 
 @dataclass(frozen=True)
@@ -118,8 +120,11 @@ def place_shapes(rng: random.Random, count: int, image_size: int) -> list[Placed
     """`count` shapes with distinct shape types and colours, not overlapping, at distinct horizontal positions."""
     kinds = rng.sample(SHAPES, count)
     colours = rng.sample(list(COLOURS), count)
+    if image_size < MIN_IMAGE_SIZE:
+        raise ValueError(f"Synthetic images must be at least {MIN_IMAGE_SIZE} px a side to hold three separate "
+                         f"shapes; got image_size={image_size} (the default is 48).")
     min_radius, max_radius = max(3, image_size // 8), max(4, image_size // 5)
-    while True:
+    for _ in range(100_000):  # a draw fits within a few tries at any size allowed above; never loop forever
         placed = []
         for kind, colour in zip(kinds, colours, strict=True):
             radius = rng.randint(min_radius, max_radius)
@@ -133,6 +138,7 @@ def place_shapes(rng: random.Random, count: int, image_size: int) -> list[Placed
         distinct_columns = all(abs(a.x - b.x) >= image_size // 8 for i, a in enumerate(placed) for b in placed[i + 1:])
         if separated and distinct_columns:
             return placed
+    raise RuntimeError(f"Could not place {count} separate shapes in a {image_size} px image; use a larger image_size.")
 
 
 def caption(shapes: list[PlacedShape]) -> str:
@@ -200,6 +206,13 @@ def make_synthetic_dataset(num_train: int = 6000, num_validation: int = 300, num
     (shape and colour identity without having to find the object the question is about), followed by `num_train`
     examples of the full task. Train on it in order (`TrainingArguments(train_sampling_strategy="sequential")`); the
     examples are independent draws, so order within each part is already random."""
+    for name, value in (("num_train", num_train), ("num_validation", num_validation), ("num_test", num_test),
+                        ("num_single_shape_first", num_single_shape_first)):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}.")
+    if image_size < MIN_IMAGE_SIZE:
+        raise ValueError(f"Synthetic images must be at least {MIN_IMAGE_SIZE} px a side to hold three separate "
+                         f"shapes; got image_size={image_size} (the default is 48).")
     features = Features({
         "image": ImageFeature(), "question": Value("string"), "answer": Value("string"),
         "question_type": ClassLabel(names=list(QUESTION_TYPES)), "caption": Value("string"),
