@@ -84,6 +84,22 @@ def _check_lengths(model, prefix_length: int, answers: list[list[int]], texts: S
                              "or drop it.")
 
 
+def _padded(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded `(len(sequences), longest)` token ids and their attention mask."""
+    ids = torch.full((len(sequences), max(len(s) for s in sequences)), pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, sequence in enumerate(sequences):
+        ids[row, : len(sequence)] = torch.tensor(sequence)
+        mask[row, : len(sequence)] = 1
+    return ids, mask
+
+
+def _mean_logprob(logprobs: torch.Tensor, targets: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """Per row, the mean log-probability (`logprobs`: rows x positions x vocabulary) of `targets` where `scored`."""
+    token_logprobs = logprobs.gather(-1, targets[..., None])[..., 0] * scored
+    return (token_logprobs.sum(-1) / scored.sum(-1)).cpu()
+
+
 @torch.no_grad()
 def _answer_logprobs(model: SparseMoEVLMForConditionalGeneration, prefix_inputs: dict[str, torch.Tensor],
                      answers: list[list[int]], batch_size: int, pad_token_id: int) -> torch.Tensor:
@@ -93,49 +109,34 @@ def _answer_logprobs(model: SparseMoEVLMForConditionalGeneration, prefix_inputs:
     first = prefix.logits[0, -1].float().log_softmax(-1)
     scores = []
     for start in range(0, len(answers), batch_size):
-        chunk = answers[start:start + batch_size]
-        length = max(len(a) for a in chunk)
-        ids = torch.full((len(chunk), length), pad_token_id, dtype=torch.long)
-        mask = torch.zeros(len(chunk), length, dtype=torch.long)
-        for row, answer in enumerate(chunk):
-            ids[row, : len(answer)] = torch.tensor(answer)
-            mask[row, : len(answer)] = 1
+        ids, mask = (t.to(model.device) for t in _padded(answers[start:start + batch_size], pad_token_id))
+        rows, length = ids.shape
         cache = copy.deepcopy(prefix.cache)
-        cache.batch_repeat_interleave(len(chunk))
-        ids, mask = ids.to(model.device), mask.to(model.device)
-        attention_mask = torch.cat([prefix_inputs["attention_mask"].expand(len(chunk), -1), mask], dim=1)
-        positions = torch.arange(prefix_length, prefix_length + length, device=model.device).expand(len(chunk), -1)
+        cache.batch_repeat_interleave(rows)
+        attention_mask = torch.cat([prefix_inputs["attention_mask"].expand(rows, -1), mask], dim=1)
+        positions = torch.arange(prefix_length, prefix_length + length, device=model.device).expand(rows, -1)
         logits = model(input_ids=ids, attention_mask=attention_mask, position_ids=positions, cache=cache,
                        mm_token_type_ids=torch.zeros_like(ids)).logits.float()
         # token 0 is predicted by the prompt's last position, token j by the answer's position j - 1
-        logprobs = torch.cat([first.expand(len(chunk), 1, -1), logits[:, :-1].log_softmax(-1)], dim=1)
-        token_logprobs = logprobs.gather(-1, ids[..., None])[..., 0] * mask
-        scores.append((token_logprobs.sum(-1) / mask.sum(-1)).cpu())
+        logprobs = torch.cat([first.expand(rows, 1, -1), logits[:, :-1].log_softmax(-1)], dim=1)
+        scores.append(_mean_logprob(logprobs, ids, mask))
     return torch.cat(scores)
 
 
 @torch.no_grad()
-def _pair_logprobs(model, processor, image, prefix: list[int], answers: list[list[int]], batch_size: int
-                   ) -> torch.Tensor:
+def _pair_logprobs(model, processor, image, prefix: list[int], answers: list[list[int]], batch_size: int,
+                   pad_token_id: int) -> torch.Tensor:
     """The same scores without reuse: every (image, text) pair runs whole, the vision tower included."""
     inputs = _prefix_inputs(model, processor, prefix, image)
     expanded = inputs["input_ids"][0].tolist()
     scores = []
     for start in range(0, len(answers), batch_size):
         chunk = answers[start:start + batch_size]
-        length = len(expanded) + max(len(a) for a in chunk)
-        ids = torch.full((len(chunk), length), processor.tokenizer.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, answer in enumerate(chunk):
-            ids[row, : len(expanded) + len(answer)] = torch.tensor(expanded + answer)
-            mask[row, : len(expanded) + len(answer)] = 1
-        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+        ids, mask = (t.to(model.device) for t in _padded([expanded + a for a in chunk], pad_token_id))
+        logits = model(input_ids=ids, attention_mask=mask,
                        pixel_values=inputs["pixel_values"].expand(len(chunk), -1, -1, -1)).logits.float()
-        logprobs = logits[:, len(expanded) - 1:-1].log_softmax(-1)
-        targets = ids[:, len(expanded):].to(model.device)
-        scored = mask[:, len(expanded):].to(model.device)
-        token_logprobs = logprobs.gather(-1, targets[..., None])[..., 0] * scored
-        scores.append((token_logprobs.sum(-1) / scored.sum(-1)).cpu())
+        answer = slice(len(expanded), None)
+        scores.append(_mean_logprob(logits[:, len(expanded) - 1:-1].log_softmax(-1), ids[:, answer], mask[:, answer]))
     return torch.cat(scores)
 
 
@@ -165,7 +166,7 @@ def score_image_texts(model: SparseMoEVLMForConditionalGeneration, processor: Sp
                 rows.append(_answer_logprobs(model, _prefix_inputs(model, processor, prefix, image), answers,
                                              batch_size, pad))
             else:
-                rows.append(_pair_logprobs(model, processor, image, prefix, answers, batch_size))
+                rows.append(_pair_logprobs(model, processor, image, prefix, answers, batch_size, pad))
         scores = torch.stack(rows)
         if alpha > 0:
             prior = text_prior(model, processor, texts, prompt=prompt, batch_size=batch_size)

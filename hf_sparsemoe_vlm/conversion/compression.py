@@ -141,11 +141,9 @@ def compress_experts(model: SparseMoEVLMForConditionalGeneration, usage: dict[tu
                          f"{sorted(expected)}: collect them on this model with data that has tokens of every group "
                          "(images for the image experts).")
     kept = experts_to_keep(usage, keep)
-    counts = {}
-    for (_, group), experts in kept.items():
-        counts.setdefault(group, set()).add(len(experts))
     config = copy.deepcopy(model.config)
-    new_sizes = {group: sizes.pop() for group, sizes in counts.items()}
+    # A group has as many experts in every layer, so it keeps as many in every layer.
+    new_sizes = {group: len(experts) for (_, group), experts in kept.items()}
     config.text_config.num_experts = new_sizes["text"]
     if "image" in new_sizes:
         config.text_config.num_image_experts = new_sizes["image"]

@@ -187,10 +187,10 @@ def _recover_interrupted_conversions(output_dir: Path) -> None:
     folder keeps its own."""
     # Matched by exact name, not by glob: a folder named `moe[4]` must not claim what a conversion into `moe4` left.
     left_behind = re.compile(rf"\.{re.escape(output_dir.name)}\.(old|partial)-(\d+)")
-    leftovers = sorted(output_dir.parent.iterdir()) if output_dir.parent.is_dir() else []
-    for folder in sorted((f for f in leftovers if left_behind.fullmatch(f.name)),
-                         key=lambda f: left_behind.fullmatch(f.name).group(1) != "old"):  # old ones first
-        pid = left_behind.fullmatch(folder.name).group(2)
+    folders = sorted(output_dir.parent.iterdir()) if output_dir.parent.is_dir() else []
+    leftovers = [(match.group(1), match.group(2), folder) for folder in folders
+                 if (match := left_behind.fullmatch(folder.name))]
+    for kind, pid, folder in sorted(leftovers, key=lambda leftover: leftover[0] != "old"):  # set-aside ones first
         try:
             os.kill(int(pid), 0)
             continue  # still running
@@ -198,7 +198,7 @@ def _recover_interrupted_conversions(output_dir: Path) -> None:
             pass
         except PermissionError:  # another user's live process
             continue
-        if folder.name.startswith(f".{output_dir.name}.old-") and not output_dir.exists():
+        if kind == "old" and not output_dir.exists():
             print(f"Restoring {output_dir} from {folder}: an interrupted --overwrite (process {pid}) had set it aside.")
             os.replace(folder, output_dir)
         else:
