@@ -1,10 +1,7 @@
 """Expert pruning and merging from routing statistics (`hf_sparsemoe_vlm.conversion.compression`) and its script
 `conversion/compress_experts.py`."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,22 +14,13 @@ from hf_sparsemoe_vlm.conversion.compression import (
     usage_summary,
 )
 
-from tiny_models import make_inputs, make_model, make_processor_and_model
+from tiny_models import load_conversion_script, make_inputs, make_model, make_processor_and_model
 
 
-SCRIPT = Path(__file__).resolve().parents[1] / "conversion" / "compress_experts.py"
 GROUP = "model.language_model.layers.{layer}.mlp.{group}_moe."
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("compress_experts", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["compress_experts"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-compress_script = _load_script()
+compress_script = load_conversion_script("compress_experts")
 
 
 def calibration(model, batches: int = 2):

@@ -1,6 +1,5 @@
 """conversion/upcycle_llava.py and conversion/compose.py on tiny random LLaVA models and parts built from config."""
 
-import importlib.util
 import json
 import re
 import subprocess
@@ -27,7 +26,7 @@ from hf_sparsemoe_vlm.conversion.scripts import (
 )
 from hf_sparsemoe_vlm.conversion.upcycling import parse_layer_selection, sparse_text_config_from_dense, upcycle_llava
 
-from tiny_models import CORPUS
+from tiny_models import CORPUS, load_conversion_script
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,13 +39,6 @@ VISION_CONFIGS = {
     "siglip": {"model_type": "siglip_vision_model", "hidden_size": 24, "intermediate_size": 48,
                "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
 }
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "conversion" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def tiny_llava(text: str = "llama", vision: str = "clip", seed: int = 0) -> LlavaForConditionalGeneration:
@@ -168,7 +160,7 @@ def test_upcycle_llava_script_writes_a_verified_checkpoint(tmp_path):
 
 
 def test_upcycle_script_validates_before_writing(tmp_path, capsys):
-    script = load_script("upcycle_llava")
+    script = load_conversion_script("upcycle_llava")
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "keep.txt").write_text("user data")
@@ -192,7 +184,7 @@ def test_upcycle_script_validates_before_writing(tmp_path, capsys):
 def test_a_failed_verification_leaves_no_checkpoint(tmp_path):
 
     llava = save_llava(tmp_path / "llava")
-    script = load_script("upcycle_llava")
+    script = load_conversion_script("upcycle_llava")
     model = upcycle_llava(llava)
     processor = script.processor_from_llava(LlavaProcessor.from_pretrained(tmp_path / "llava"), model.config)
 
@@ -251,7 +243,7 @@ def save_parts(folder: Path, text: str = "llama", vision: str = "clip_dual", tie
 @pytest.mark.parametrize("text,vision,tie", [("llama", "clip_dual", False), ("qwen2", "dinov2", True)])
 @pytest.mark.parametrize("router_type", ROUTER_TYPES)
 def test_composed_model_reproduces_the_lm_on_text_and_the_encoder_on_images(tmp_path, text, vision, tie, router_type):
-    script = load_script("compose")
+    script = load_conversion_script("compose")
     vision_dir, lm_dir = save_parts(tmp_path, text, vision, tie)
     args = script.build_parser().parse_args(["--vision", str(vision_dir), "--language_model", str(lm_dir),
                                              "--output", str(tmp_path / "out"), "--router_type", router_type,
@@ -300,7 +292,7 @@ def test_compose_script_end_to_end_and_its_errors(tmp_path):
     assert again.returncode == 1 and "not empty; pass --overwrite" in again.stderr
     assert sorted(p.name for p in output.iterdir()) == before
 
-    script = load_script("compose")
+    script = load_conversion_script("compose")
     gpt2 = tmp_path / "gpt2"
     AutoModelForCausalLM.from_config(__import__("transformers").GPT2Config(
         n_embd=32, n_layer=1, n_head=2, vocab_size=64)).save_pretrained(gpt2)
@@ -316,7 +308,7 @@ def test_an_interrupted_write_leaves_no_checkpoint(tmp_path, monkeypatch):
 
     llava = save_llava(tmp_path / "llava")
     model = upcycle_llava(llava)
-    processor = load_script("upcycle_llava").processor_from_llava(LlavaProcessor.from_pretrained(tmp_path / "llava"),
+    processor = load_conversion_script("upcycle_llava").processor_from_llava(LlavaProcessor.from_pretrained(tmp_path / "llava"),
                                                                   model.config)
     written = []
 
@@ -357,7 +349,7 @@ def test_a_safetensors_error_while_writing_is_an_error_not_a_traceback(tmp_path,
         raise SafetensorError("Error while serializing: IoError(No space left on device (os error 28))")
 
     monkeypatch.setattr(SparseMoEVLMForConditionalGeneration, "save_pretrained", disk_full)
-    script = load_script("upcycle_llava")
+    script = load_conversion_script("upcycle_llava")
     assert script.main(["--input", str(tmp_path / "llava"), "--output", str(tmp_path / "out")]) == 1
     assert "error: Error while serializing: IoError(No space left on device" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llava"]
@@ -375,9 +367,9 @@ def test_corrupt_source_weights_are_an_error_naming_the_folder(tmp_path, capsys,
         path.write_bytes(path.read_bytes()[:3000])
     truncated = weights.read_bytes()
 
-    assert load_script("upcycle_llava").main(["--input", str(llava_dir), "--output", str(tmp_path / "a")]) == 1
+    assert load_conversion_script("upcycle_llava").main(["--input", str(llava_dir), "--output", str(tmp_path / "a")]) == 1
     assert f"error: Could not load the LLaVA model from {llava_dir}: SafetensorError" in capsys.readouterr().err
-    assert load_script("compose").main(["--vision", str(vision_dir), "--language_model", str(lm_dir),
+    assert load_conversion_script("compose").main(["--vision", str(vision_dir), "--language_model", str(lm_dir),
                                         "--output", str(tmp_path / "b")]) == 1
     part = {"vision": "the vision encoder", "lm": "the language model"}[broken]
     folder = {"vision": vision_dir, "lm": lm_dir}[broken]
@@ -392,7 +384,7 @@ def test_a_bad_shard_size_is_refused_when_the_arguments_are_parsed(script, tmp_p
     inputs = {"upcycle_llava": ["--input", str(tmp_path)], "convert_moe_llava": ["--input", str(tmp_path)],
               "compose": ["--vision", str(tmp_path), "--language_model", str(tmp_path)]}[script]
     with pytest.raises(SystemExit) as exit_info:
-        load_script(script).main([*inputs, "--output", str(tmp_path / "out"), "--max_shard_size", "lots"])
+        load_conversion_script(script).main([*inputs, "--output", str(tmp_path / "out"), "--max_shard_size", "lots"])
     assert exit_info.value.code == 2
     assert "argument --max_shard_size: 'lots' is not a shard size" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
@@ -463,7 +455,7 @@ def test_upcycle_writes_the_source_dtype_or_the_chosen_one_and_stays_exact(tmp_p
     llava = save_llava(tmp_path / "llava", "qwen2", "siglip")
     llava.to(source_dtype).save_pretrained(tmp_path / "llava")
     output = tmp_path / "out"
-    assert load_script("upcycle_llava").main(["--input", str(tmp_path / "llava"), "--output", str(output),
+    assert load_conversion_script("upcycle_llava").main(["--input", str(tmp_path / "llava"), "--output", str(output),
                                               "--router_type", "top_p", "--sparse_layers", "all", *option]) == 0
     summary = capsys.readouterr().out
     assert re.search(r"greedy tokens equal to LLaVA\s+yes", summary)
@@ -496,7 +488,7 @@ def test_logits_tolerance_is_exact_in_float32_and_one_rounding_step_in_half_prec
 def test_compose_writes_the_chosen_dtype(tmp_path, capsys):
     vision_dir, lm_dir = save_parts(tmp_path)
     output = tmp_path / "out"
-    assert load_script("compose").main(["--vision", str(vision_dir), "--language_model", str(lm_dir),
+    assert load_conversion_script("compose").main(["--vision", str(vision_dir), "--language_model", str(lm_dir),
                                         "--output", str(output), "--dtype", "bfloat16", "--router_type", "relu",
                                         "--num_experts", "3", "--num_image_experts", "3"]) == 0
     assert re.search(r"dtype\s+bfloat16", capsys.readouterr().out)
@@ -510,7 +502,7 @@ def test_a_checkpoint_whose_weights_differ_from_the_converted_model_is_not_kept(
 
     llava = save_llava(tmp_path / "llava")
     model = upcycle_llava(llava)
-    processor = load_script("upcycle_llava").processor_from_llava(LlavaProcessor.from_pretrained(tmp_path / "llava"),
+    processor = load_conversion_script("upcycle_llava").processor_from_llava(LlavaProcessor.from_pretrained(tmp_path / "llava"),
                                                                   model.config)
     save_processor = type(processor).save_pretrained
 
@@ -535,7 +527,7 @@ def test_a_conversion_killed_mid_overwrite_swap_gets_the_previous_checkpoint_bac
     output = tmp_path / "out"
     command = [str(ROOT / "conversion" / "upcycle_llava.py"), "--input", str(tmp_path / "llava"), "--output",
                str(output)]
-    script = load_script("upcycle_llava")
+    script = load_conversion_script("upcycle_llava")
     assert script.main([*command[1:], "--router_type", "relu"]) == 0
     previous = {p.name: p.read_bytes() for p in output.iterdir()}
     # SIGKILL right after the previous checkpoint was set aside, before the new one is moved into place.
@@ -579,7 +571,7 @@ def test_output_over_a_source_checkpoint_is_refused_even_with_overwrite(tmp_path
     folders = {"llava": tmp_path / "llava", "vision": vision_dir, "lm": lm_dir}
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     arguments = [argument.format(**folders) for argument in arguments]
-    assert load_script(script_name).main([*arguments, "--overwrite"]) == 1
+    assert load_conversion_script(script_name).main([*arguments, "--overwrite"]) == 1
     assert "would overwrite the checkpoint being converted; choose a separate folder" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
@@ -593,7 +585,7 @@ def test_export_sharded_and_per_expert_layouts_reload_to_identical_logits(tmp_pa
     else:
         vision_dir, lm_dir = save_parts(tmp_path)
         source = ["--vision", str(vision_dir), "--language_model", str(lm_dir)]
-    script = load_script(script_name)
+    script = load_conversion_script(script_name)
     layouts = {"fused": [], "fused, sharded": ["--max_shard_size", "30KB"],
                "per-expert, sharded": ["--max_shard_size", "30KB", "--per_expert_layout"]}
     loaded = {}

@@ -1,7 +1,6 @@
 """conversion/convert_moe_llava.py on synthetic MoE-LLaVA checkpoints: tiny random tensors under exactly the key
 names and shapes MoE-LLaVA (DeepSpeed-MoE) saves, its config.json fields, and a tokenizer without an image token."""
 
-import importlib.util
 import json
 import os
 import re
@@ -18,7 +17,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, PreTrainedTokenizerF
 from hf_sparsemoe_vlm import SparseMoEVLMForConditionalGeneration
 from hf_sparsemoe_vlm.conversion.scripts import verification_inputs
 
-from tiny_models import CORPUS
+from tiny_models import CORPUS, load_conversion_script
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,15 +30,7 @@ TOWER = "image_tower.image_tower.vision_model."
 PROJ = "mm_projector.image_spatial_proj."
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("convert_moe_llava", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["convert_moe_llava"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-cml = _load_script()
+cml = load_conversion_script("convert_moe_llava")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,9 +1,7 @@
 """Image-text retrieval scoring (`hf_sparsemoe_vlm.app.retrieval`) and its metrics."""
 
 import copy
-import importlib.util
 import json
-from pathlib import Path
 
 import PIL.Image
 import pytest
@@ -13,7 +11,7 @@ import torch.nn.functional as F
 from hf_sparsemoe_vlm.app.retrieval import retrieval_metrics, score_image_texts
 from hf_sparsemoe_vlm.app.training import VLMDataCollator
 
-from tiny_models import make_processor_and_model
+from tiny_models import load_conversion_script, make_processor_and_model
 
 
 PROMPT = "Describe the image."
@@ -59,10 +57,7 @@ def test_scores_are_the_training_likelihood_and_reuse_changes_nothing(processor_
 def test_scores_follow_the_checkpoints_own_chat_template(processor_and_model):
     """A converted MoE-LLaVA checkpoint's template (`... ASSISTANT: answer</s>`, generation prompt `ASSISTANT:`
     without the space): the answer tokens are what its template marks, whatever its generation prompt looks like."""
-    script = Path(__file__).resolve().parents[1] / "conversion" / "convert_moe_llava.py"
-    spec = importlib.util.spec_from_file_location("convert_moe_llava_for_retrieval", script)
-    converter = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(converter)
+    converter = load_conversion_script("convert_moe_llava")
     processor, model = processor_and_model
     processor = copy.deepcopy(processor)
     processor.chat_template = converter.moe_llava_chat_template(processor.image_token)

@@ -1,7 +1,10 @@
 """Tiny SparseMoE-VLM configs and inputs shared by the tests (hidden sizes 32, a few experts: seconds on CPU), and
 the files of a training run folder."""
 
+import importlib.util
 import json
+import sys
+from pathlib import Path
 
 import torch
 from transformers import TrainerState, TrainingArguments
@@ -9,6 +12,7 @@ from transformers import TrainerState, TrainingArguments
 from hf_sparsemoe_vlm import SparseMoEVLMConfig, SparseMoEVLMForConditionalGeneration
 
 
+CONVERSION_SCRIPTS = Path(__file__).resolve().parents[1] / "conversion"
 IMAGE_TOKEN_ID = 127
 PAD_TOKEN_ID = 0
 IMAGE_SIZE = 32
@@ -148,3 +152,13 @@ def to_old_layout(folder):
     for name in ("all_results.json", "trainer_state.json", "training_args.json"):
         (folder / name).unlink()
     return folder
+
+
+def load_conversion_script(name: str):
+    """`conversion/<name>.py` as a fresh module (the scripts are not a package), registered under its name so that
+    its dataclasses resolve their module."""
+    spec = importlib.util.spec_from_file_location(name, CONVERSION_SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
