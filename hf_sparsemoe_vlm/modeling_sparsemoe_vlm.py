@@ -4,6 +4,7 @@
 whose sparse layers route image tokens and text tokens to their own expert groups."""
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,7 @@ from transformers.conversion_mapping import register_checkpoint_conversion_mappi
 from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
 from transformers.generation import GenerationMixin
 from transformers.integrations import use_experts_implementation
-from transformers.integrations.moe import batched_mm_experts_forward
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface, batched_mm_experts_forward
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
@@ -201,7 +202,69 @@ class SparseMoEVLMMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
 
 
-@use_experts_implementation
+def eager_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """The per-expert loop: one pair of matmuls per expert hit, on that expert's rows only.
+
+    The (token, slot) pairs are grouped by expert with one sort and counted with one host sync (instead of a mask
+    and a sync per expert); index `num_experts` is the "no expert" sentinel (see SparseMoEVLMExpertGroup), sorted
+    last and never run. It indexes one expert's weights at a time, so it also runs experts quantised by torchao (a
+    tensor subclass the grouped and batched kernels cannot take)."""
+    num_top_k = top_k_index.shape[-1]
+    sorted_experts, order = top_k_index.reshape(-1).sort(stable=True)
+    rows_per_expert = torch.bincount(sorted_experts, minlength=self.num_experts + 1)[: self.num_experts].tolist()
+    num_pairs = sum(rows_per_expert)
+    order = order[:num_pairs]
+    token_idx = order // num_top_k
+    expert_inputs = hidden_states[token_idx].split(rows_per_expert)
+    gate_up_proj, down_proj = self.gate_up_proj, self.down_proj
+    trainable = gate_up_proj.requires_grad or down_proj.requires_grad
+    if torch.is_grad_enabled() and trainable and _is_plain_tensor(gate_up_proj):
+        # Unbound once: indexing the fused parameter per expert makes autograd build and add up a zero-filled
+        # gradient of the whole (E, 2I, H) tensor for every expert hit.
+        gate_up_proj, down_proj = gate_up_proj.unbind(0), down_proj.unbind(0)
+    expert_outputs = []
+    for expert_idx, expert_input in enumerate(expert_inputs):
+        if expert_input.shape[0] == 0:
+            continue
+        gate, up = F.linear(expert_input, gate_up_proj[expert_idx]).chunk(2, dim=-1)
+        expert_outputs.append(F.linear(self.act_fn(gate) * up, down_proj[expert_idx]))
+    if not expert_outputs:
+        return torch.zeros_like(hidden_states)
+    weighted = torch.cat(expert_outputs) * top_k_weights.reshape(-1)[order, None]
+    return torch.zeros_like(hidden_states).index_add(0, token_idx, weighted.to(hidden_states.dtype))
+
+
+def _is_plain_tensor(tensor: torch.Tensor) -> bool:
+    return type(tensor) in (torch.Tensor, nn.Parameter) and type(tensor.data) is torch.Tensor
+
+
+def _unless_quantized(kernel):
+    """`kernel`, except for experts whose weights a quantisation library replaced with a tensor subclass (e.g.
+    torchao's `Int8Tensor`): Transformers' grouped and batched kernels transpose, gather and `bmm` the whole 3D
+    tensor, which those subclasses do not implement; the per-expert loop reads one expert at a time and runs them."""
+
+    def run(self, hidden_states, top_k_index, top_k_weights):
+        if _is_plain_tensor(self.gate_up_proj) and _is_plain_tensor(self.down_proj):
+            return kernel(self, hidden_states, top_k_index, top_k_weights)
+        logger.warning_once(
+            f"The experts kernel `{self.config._experts_implementation}` cannot run quantised expert tensors "
+            f"({type(self.gate_up_proj.data).__name__}); the per-expert loop (`eager`) runs them instead, reading "
+            "only the experts each step uses."
+        )
+        return eager_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+
+    return run
+
+
+# Our experts' kernels: Transformers' registered ones, each falling back to the per-expert loop for quantised weights.
+EXPERTS_FUNCTIONS = ExpertsInterface()
+for _name in ("grouped_mm", "batched_mm"):
+    EXPERTS_FUNCTIONS[_name] = _unless_quantized(ALL_EXPERTS_FUNCTIONS[_name])
+
+
+@use_experts_implementation(experts_interface=EXPERTS_FUNCTIONS)
 class SparseMoEVLMExperts(nn.Module):
     """One expert group's SwiGLU experts, stored fused as 3D tensors so that Transformers' experts kernels
     (`eager`, `batched_mm`, `grouped_mm`) can run them."""
@@ -219,21 +282,10 @@ class SparseMoEVLMExperts(nn.Module):
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         if torch.compiler.is_compiling() and not self.training:
-            # The loop below runs the experts hit, a data-dependent set that torch.compile cannot capture in one
-            # graph; Transformers' batched kernel has static shapes (it gathers each token's expert weights).
+            # The loop runs the experts hit, a data-dependent set that torch.compile cannot capture in one graph;
+            # Transformers' batched kernel has static shapes (it gathers each token's expert weights).
             return batched_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-        final_hidden_states = torch.zeros_like(hidden_states)
-        with torch.no_grad():
-            # Index `num_experts` is the "no expert" sentinel (see SparseMoEVLMExpertGroup): never run.
-            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
-            expert_hit = expert_mask[: self.num_experts].sum(dim=(-1, -2)).nonzero()
-        for expert_idx in expert_hit[:, 0].tolist():
-            top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
-            gate, up = F.linear(hidden_states[token_idx], self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
-            expert_out = F.linear(self.act_fn(gate) * up, self.down_proj[expert_idx])
-            expert_out = expert_out * top_k_weights[token_idx, top_k_pos, None]
-            final_hidden_states.index_add_(0, token_idx, expert_out.to(final_hidden_states.dtype))
-        return final_hidden_states
+        return eager_experts_forward(self, hidden_states, top_k_index, top_k_weights)
 
 
 class SparseMoEVLMRouter(nn.Module):
@@ -457,9 +509,11 @@ class SparseMoEVLMExpertGroup(nn.Module):
         if token_mask is not None:  # shape-static dispatch: tokens of the other modality use no expert
             top_k_weights = top_k_weights * token_mask[:, None]
             top_k_index = top_k_index.masked_fill(~token_mask[:, None], sentinel)
-        if self.router.dynamic and token_mask is None and not torch.compiler.is_compiling():
+        if (self.router.dynamic and token_mask is None and not torch.compiler.is_compiling()
+                and self.experts.config._experts_implementation != "eager"):
             # A variable number of experts per token: run only the used (token, expert) pairs, as a top-1 batch, so
-            # that no kernel sorts or gathers the unused slots; then sum each token's pairs.
+            # that no kernel sorts or gathers the unused slots; then sum each token's pairs. (The eager loop skips
+            # the unused slots itself.)
             token_idx, slot = (top_k_index < sentinel).nonzero(as_tuple=True)
             pair_output = self.experts(hidden_states[token_idx], top_k_index[token_idx, slot, None],
                                        top_k_weights[token_idx, slot, None].to(hidden_states.dtype))
@@ -518,14 +572,15 @@ class SparseMoEVLMSparseMoeBlock(nn.Module):
                 router_logits = torch.where(is_image[:, None], self._pad_logits(image_routing.router_logits),
                                             self._pad_logits(text_routing.router_logits))
             else:
-                output = torch.zeros_like(flat)
+                # The two token sets partition the rows, so every row of `output` is written.
+                output = torch.empty_like(flat)
                 router_logits = flat.new_full((flat.shape[0], self.num_router_columns), float("-inf"),
                                               dtype=torch.float32)
                 for group, token_index in ((self.text_moe, all_tokens[~is_image]),
                                            (self.image_moe, all_tokens[is_image])):
                     if token_index.numel() > 0:
                         group_output, routing = group(flat[token_index], token_index)
-                        output = output.index_copy(0, token_index, group_output.to(output.device))
+                        output.index_copy_(0, token_index, group_output.to(output.device))
                         router_logits[token_index, : routing.num_experts] = routing.router_logits.to(flat.device)
         if self.shared_experts is not None:
             output = output + self.shared_experts(flat).to(output.device)
@@ -612,6 +667,24 @@ class SparseMoEVLMPreTrainedModel(PreTrainedModel):
         return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
 
     @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, with two things it cannot know about fused expert tensors.
+
+        - `quantization_config=TorchAoConfig(quant_type)` quantises the experts' 3D tensors with the same
+          `quant_type` as the linear layers (Transformers' torchao loading quantises `nn.Linear` weights only, and
+          experts are most of the weights). A `quant_type` that cannot take 3D tensors is refused before loading; an
+          `FqnToConfig` is taken as given (name the experts there to choose their scheme).
+        - A `device_map` that names the fused tensors (`...experts.gate_up_proj`) instead of their module is
+          refused: Accelerate places modules, and those tensors would stay on the meta device.
+        """
+        _check_expert_device_map(kwargs.get("device_map"))
+        expert_quant_type = _expert_quant_type(kwargs.get("quantization_config"))
+        model = super().from_pretrained(*args, **kwargs)
+        if expert_quant_type is not None:
+            quantize_expert_tensors(model, expert_quant_type)
+        return model
+
+    @classmethod
     def is_custom_code(cls) -> bool:
         # For custom code, Transformers skips initialising any module whose own parameters all loaded, guarding
         # against `_init_weights` that write tensors in place. Ours (and the vision towers') only use
@@ -635,6 +708,67 @@ class SparseMoEVLMPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
             if module.has_laplace_scale:
                 init.constant_(module.laplace_inv_scale, 1.0 / config.router_laplace_b)
+
+
+# The fused expert tensors of every group, as torchao's `FqnToConfig` names parameters.
+EXPERT_TENSORS_FQN = r"re:.*\.experts\.(gate_up_proj|down_proj)"
+
+
+def _check_expert_device_map(device_map) -> None:
+    if not isinstance(device_map, dict):
+        return
+    named = [key for key in device_map if re.fullmatch(EXPERT_TENSORS_FQN[3:], key)]
+    if named:
+        raise ValueError(
+            f"`device_map` names fused expert tensors ({named[0]!r}), but Accelerate places modules: those tensors "
+            f"would stay on the meta device. Name their module instead ({named[0].rsplit('.', 1)[0]!r}), or build "
+            "the map with `hf_sparsemoe_vlm.expert_offload_device_map(...)`."
+        )
+
+
+def _expert_quant_type(quantization_config):
+    """The torchao scheme to apply to the expert tensors after loading, or None. Checked on a small 3D tensor first,
+    so that a scheme torchao cannot apply to fused experts fails before the checkpoint is read."""
+    if getattr(quantization_config, "quant_method", None) != "torchao":
+        return None
+    from torchao.quantization import FqnToConfig, quantize_
+
+    quant_type = quantization_config.quant_type
+    if isinstance(quant_type, FqnToConfig) or isinstance(quant_type, (str, dict)):
+        return None
+    experts = nn.Module()
+    experts.gate_up_proj = nn.Parameter(torch.randn(2, 256, 256), requires_grad=False)
+    try:
+        quantize_(experts, FqnToConfig({"gate_up_proj": quant_type}), filter_fn=None)
+        if _is_plain_tensor(experts.gate_up_proj):
+            raise TypeError("the tensor was left unquantised")
+        F.linear(torch.randn(1, 256), experts.gate_up_proj[0])
+    except Exception as error:
+        raise ValueError(
+            f"torchao cannot apply {type(quant_type).__name__} to the fused expert tensors (3D, one matrix per "
+            f"expert): {type(error).__name__}: {error}. Int8WeightOnlyConfig() works for them. To keep another "
+            "scheme for the linear layers, name the experts yourself: TorchAoConfig(FqnToConfig({"
+            f"{EXPERT_TENSORS_FQN!r}: Int8WeightOnlyConfig(), ...}})) (or None there, to leave them in full "
+            "precision)."
+        ) from error
+    return quant_type
+
+
+def quantize_expert_tensors(model: nn.Module, quant_type) -> None:
+    """Quantise every expert group's fused tensors in place with torchao's `quant_type` (e.g.
+    `Int8WeightOnlyConfig()`), keeping those already quantised; `from_pretrained` calls it for a `TorchAoConfig`."""
+    from torchao.quantization import FqnToConfig, quantize_
+
+    for name, module in model.named_modules():
+        if not isinstance(module, SparseMoEVLMExperts) or not _is_plain_tensor(module.gate_up_proj):
+            continue
+        if module.gate_up_proj.device.type == "meta":
+            raise ValueError(
+                f"{name} is offloaded (its tensors are on the meta device), and torchao cannot quantise offloaded "
+                "tensors. Quantised experts are a quarter of the size: load them resident (no 'cpu'/'disk' entries "
+                "for expert groups in `device_map`), or offload them without quantisation."
+            )
+        quantize_(module, FqnToConfig({"gate_up_proj": quant_type, "down_proj": quant_type}), filter_fn=None)
 
 
 def _type_name(value) -> str:
@@ -735,6 +869,10 @@ class SparseMoEVLMTextModel(SparseMoEVLMPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         _check_mm_token_type_ids(mm_token_type_ids, inputs_embeds)
+        if mm_token_type_ids is not None and not torch.compiler.is_compiling() and not mm_token_type_ids.any():
+            # Text only (every decoding step after the prompt): the sparse layers route all tokens to the text
+            # experts without splitting them by modality, one check here instead of a split in every layer.
+            mm_token_type_ids = None
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if position_ids is None:
