@@ -10,16 +10,14 @@ and adds a "time vs baseline checkout" column.
 """
 
 import argparse
-import importlib
-import importlib.util
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
+from _common import load_checkout  # benchmarks/_common.py (the script's folder is on sys.path)
 from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
@@ -43,19 +41,6 @@ def init_block(block: torch.nn.Module, seed: int) -> torch.nn.Module:
         for param in block.parameters():
             param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
     return block.eval()
-
-
-def load_checkout(checkout: Path):
-    """The modeling and configuration modules of another checkout of this repository, imported under a package
-    name of their own so that they sit next to the installed package."""
-    package = "hf_sparsemoe_vlm_baseline"
-    source = checkout / "hf_sparsemoe_vlm"
-    spec = importlib.util.spec_from_file_location(package, source / "__init__.py",
-                                                  submodule_search_locations=[str(source)])
-    sys.modules[package] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sys.modules[package])
-    return (importlib.import_module(f"{package}.modeling_sparsemoe_vlm"),
-            importlib.import_module(f"{package}.configuration_sparsemoe_vlm"))
 
 
 def main() -> None:
