@@ -3,7 +3,9 @@
 """SparseMoE-VLM: vision tower -> projector -> image features merged at the image tokens -> Llama-family decoder
 whose sparse layers route image tokens and text tokens to their own expert groups."""
 
+import json
 import math
+import os
 import re
 from dataclasses import dataclass
 
@@ -676,12 +678,15 @@ class SparseMoEVLMPreTrainedModel(PreTrainedModel):
           `FqnToConfig` is taken as given (name the experts there to choose their scheme).
         - A `device_map` that names the fused tensors (`...experts.gate_up_proj`) instead of their module is
           refused: Accelerate places modules, and those tensors would stay on the meta device.
+        - Expert tensors offloaded to disk for a CPU forward are memory-mapped (`map_disk_offloaded_experts`)
+          instead of read whole at every step.
         """
         _check_expert_device_map(kwargs.get("device_map"))
         expert_quant_type = _expert_quant_type(kwargs.get("quantization_config"))
         model = super().from_pretrained(*args, **kwargs)
         if expert_quant_type is not None:
             quantize_expert_tensors(model, expert_quant_type)
+        map_disk_offloaded_experts(model)
         return model
 
     @classmethod
@@ -769,6 +774,61 @@ def quantize_expert_tensors(model: nn.Module, quant_type) -> None:
                 "for expert groups in `device_map`), or offload them without quantisation."
             )
         quantize_(module, FqnToConfig({"gate_up_proj": quant_type, "down_proj": quant_type}), filter_fn=None)
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _safetensors_layout(path: str) -> dict:
+    """Each tensor's dtype, shape and byte offset in a safetensors file (from its JSON header)."""
+    with open(path, "rb") as file:
+        header_size = int.from_bytes(file.read(8), "little")
+        header = json.loads(file.read(header_size))
+    return {name: (entry["dtype"], entry["shape"], 8 + header_size + entry["data_offsets"][0])
+            for name, entry in header.items() if name != "__metadata__"}
+
+
+def map_disk_offloaded_experts(model: nn.Module) -> int:
+    """Memory-map the expert tensors that Accelerate offloaded to disk for a CPU forward; returns how many groups.
+
+    Accelerate's disk offload reads a module's whole tensors before each forward: all E experts of a group to use the
+    few a token is routed to. Mapped instead (read-only pages of the checkpoint or offload file, copy-on-write), the
+    experts kernels touch only the rows of the experts a step uses, the OS pages those in on first use and keeps
+    the frequently used ones cached (a hot/cold split managed by the page cache), and nothing is copied into the
+    process's own memory. Tensors that need a dtype conversion, or whose forward runs on another device, are left to
+    Accelerate."""
+    mapped, files = 0, {}
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        if (not isinstance(module, SparseMoEVLMExperts) or not getattr(hook, "offload", False)
+                or hook.weights_map is None or torch.device(hook.execution_device).type != "cpu"):
+            continue
+        prefix, loader = getattr(hook.weights_map, "prefix", ""), getattr(hook.weights_map, "dataset", None)
+        tensors = {}
+        for name in ("gate_up_proj", "down_proj"):
+            info = getattr(loader, "index", {}).get(prefix + name)
+            if info is None:
+                break  # kept in memory by Accelerate
+            if info.get("safetensors_file"):
+                path = info["safetensors_file"]
+                if path not in files:
+                    files[path] = _safetensors_layout(path)
+                dtype_name, shape, offset = files[path][info.get("weight_name", prefix + name)]
+                dtype = _SAFETENSORS_DTYPES.get(dtype_name)
+            else:  # Accelerate's own offload file: raw bytes
+                path = os.path.join(loader.save_folder, f"{prefix + name}.dat")
+                dtype, shape, offset = getattr(torch, info["dtype"], None), info["shape"], 0
+            if dtype is None or str(dtype) != f"torch.{info.get('dtype', str(dtype)[6:])}" or offset % dtype.itemsize:
+                break  # converted on every read, or not aligned for a view
+            numel = math.prod(shape)
+            storage = torch.from_file(path, shared=False, size=(offset // dtype.itemsize) + numel, dtype=dtype)
+            tensors[name] = storage[offset // dtype.itemsize:].view(shape)
+        else:
+            for name, tensor in tensors.items():
+                module._parameters[name] = nn.Parameter(tensor, requires_grad=False)
+            hook.offload = False  # the mapped tensors stay in place between forwards
+            mapped += 1
+    return mapped
 
 
 def _type_name(value) -> str:

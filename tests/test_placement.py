@@ -35,12 +35,45 @@ def test_experts_on_disk_give_the_same_logits_and_generation(tmp_path):
     offloaded = SparseMoEVLMForConditionalGeneration.from_pretrained(
         tmp_path / "ckpt", device_map=expert_offload_device_map(model.config, "cpu", "disk"),
         offload_folder=tmp_path / "offload")
-    assert offloaded.model.language_model.layers[1].mlp.text_moe.experts.gate_up_proj.device.type == "meta"
-    assert offloaded.model.language_model.layers[1].self_attn.q_proj.weight.device.type == "cpu"
-    with torch.no_grad():
-        torch.testing.assert_close(offloaded(**inputs).logits, expected, rtol=0, atol=0)
+    experts = offloaded.model.language_model.layers[1].mlp.text_moe.experts
+    # Memory-mapped from the checkpoint rather than read whole by Accelerate before every forward.
+    assert not experts._hf_hook.offload
+    for tensor in (experts.gate_up_proj, experts.down_proj):
+        assert mapped_file(tensor.data_ptr()) == str((tmp_path / "ckpt" / "model.safetensors").resolve())
+    for kernel in ("eager", "grouped_mm", "batched_mm"):
+        offloaded.set_experts_implementation(kernel)
+        with torch.no_grad():
+            torch.testing.assert_close(offloaded(**inputs).logits, expected, rtol=0, atol=1e-6)
+    offloaded.set_experts_implementation("eager")
     assert torch.equal(offloaded.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=PAD_TOKEN_ID),
                        greedy)
+    assert torch.equal(experts.gate_up_proj, model.model.language_model.layers[1].mlp.text_moe.experts.gate_up_proj)
+
+
+def mapped_file(address: int) -> str | None:
+    """The file mapped at `address` in this process (from /proc/self/maps), or None for anonymous memory."""
+    for line in open("/proc/self/maps").read().splitlines():
+        fields = line.split(maxsplit=5)
+        start, end = (int(part, 16) for part in fields[0].split("-"))
+        if start <= address < end:
+            return fields[5] if len(fields) == 6 and fields[5].startswith("/") else None
+    return None
+
+
+@pytest.mark.slow
+def test_experts_converted_at_load_stay_with_accelerates_offload(tmp_path):
+    # bf16 from an fp32 checkpoint: the file's bytes are not the tensors, so nothing is mapped.
+    model = make_model()
+    inputs = make_inputs(model.config)
+    model.save_pretrained(tmp_path / "ckpt")
+    offloaded = SparseMoEVLMForConditionalGeneration.from_pretrained(
+        tmp_path / "ckpt", device_map=expert_offload_device_map(model.config, "cpu", "disk"),
+        offload_folder=tmp_path / "offload", dtype=torch.bfloat16)
+    experts = offloaded.model.language_model.layers[1].mlp.text_moe.experts
+    assert experts._hf_hook.offload and experts.gate_up_proj.device.type == "meta"
+    resident = SparseMoEVLMForConditionalGeneration.from_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(offloaded(**inputs).logits, resident(**inputs).logits, rtol=0, atol=0)
 
 
 def test_a_memory_budget_keeps_the_first_expert_groups_resident():
