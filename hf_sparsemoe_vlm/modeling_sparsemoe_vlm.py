@@ -214,6 +214,17 @@ def eager_experts_forward(
     last and never run. It indexes one expert's weights at a time, so it also runs experts quantised by torchao (a
     tensor subclass the grouped and batched kernels cannot take)."""
     num_top_k = top_k_index.shape[-1]
+    if hidden_states.shape[0] == 1 and not torch.is_grad_enabled():
+        # One token (a decoding step at batch size 1): its experts one after the other, with no grouping or scatter,
+        # which would cost more than the two matmuls per expert at this size. Summed in expert order, as below.
+        output = None
+        for expert_idx, slot in sorted((expert, slot) for slot, expert in enumerate(top_k_index[0].tolist())):
+            if expert_idx >= self.num_experts:
+                continue
+            gate, up = F.linear(hidden_states, self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
+            expert_out = F.linear(self.act_fn(gate) * up, self.down_proj[expert_idx]) * top_k_weights[:, slot, None]
+            output = expert_out if output is None else output + expert_out
+        return torch.zeros_like(hidden_states) if output is None else output.to(hidden_states.dtype)
     sorted_experts, order = top_k_index.reshape(-1).sort(stable=True)
     rows_per_expert = torch.bincount(sorted_experts, minlength=self.num_experts + 1)[: self.num_experts].tolist()
     num_pairs = sum(rows_per_expert)
