@@ -317,6 +317,13 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         self.query = {key: values[-1] for key, values in parse_qs(url.query).items()}
         self.body = self._read_body()
+        stall = self.hub.stall
+        if stall is not None and stall.search(f"{method} {url.path}"):
+            # A Hub that stops answering: the request was received, no answer comes until the test releases it.
+            self.hub.requests.append((method, self.path, None))
+            self.hub.release.wait(timeout=300)
+            self.close_connection = True
+            return
         name, groups = _route("GET" if method == "HEAD" else method, url.path)  # HEAD is GET without the body
         try:
             if name is None:
@@ -816,8 +823,11 @@ class LoopbackHub:
         self.repos: dict[str, Repo] = {}
         self.lock = threading.RLock()
         self.tree_page_size = TREE_PAGE_SIZE
-        self.requests: list[tuple[str, str, int]] = []
+        self.requests: list[tuple[str, str, int | None]] = []
         self.errors: list[str] = []
+        # Requests whose "METHOD /path" this matches get no answer (status None in `requests`) until `release` is set.
+        self.stall: re.Pattern | None = None
+        self.release = threading.Event()
         self.endpoint = ""
         self._secret = secrets.token_bytes(32)
         self._server: ThreadingHTTPServer | None = None
@@ -833,6 +843,7 @@ class LoopbackHub:
         return self
 
     def stop(self) -> None:
+        self.release.set()  # stalled requests end
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

@@ -165,7 +165,8 @@ def test_short_training_run_end_to_end(tmp_path, capsys):
     arguments = json.loads((output / "training_args.json").read_text())
     assert arguments["max_steps"] == 6 and arguments["logging_steps"] == 2
     run_args = json.loads((output / "run_args.json").read_text())
-    assert run_args["world_size"] == 1 and set(run_args) == {"model", "data", "world_size"}
+    assert run_args["world_size"] == 1 and run_args["expert_load_steps"] == [1, 6]
+    assert set(run_args) == {"model", "data", "world_size", "expert_load_steps"}
     assert "| processes | 1 |" in card.text and "| precision | fp32 |" in card.text
     assert not {"metrics.json", "log_history.json"} & {path.name for path in output.iterdir()}
 

@@ -9,6 +9,8 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,10 +20,10 @@ from huggingface_hub import HfApi, ModelCard, constants
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from transformers import HfArgumentParser, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
-from .. import SparseMoEVLMForConditionalGeneration, SparseMoEVLMProcessor, build_processor
-from .data import load_vlm_splits
+from .. import SparseMoEVLMConfig, SparseMoEVLMForConditionalGeneration, SparseMoEVLMProcessor, build_processor
+from .checkpoints import checkpoint_problem, checkpoints, find_last_checkpoint, read_run_id, write_run_file
+from .data import check_images, load_vlm_splits
 from .model_card import (
     RESULTS_FILE,
     RUN_ARGS_FILE,
@@ -89,6 +91,10 @@ class ModelArguments:
     lora_targets: str = field(default="attention,experts", metadata={
         "help": "Comma-separated LoRA targets: attention (decoder q/k/v/o), experts (fused expert tensors), "
                 "dense_mlp (dense decoder MLPs)."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Start a new run in an --output_dir that holds checkpoints of an earlier run, deleting them first "
+                "(without it such a folder is refused: resume that run with --resume_from_checkpoint last, or pick "
+                "another folder)."})
 
 
 @dataclass
@@ -185,9 +191,11 @@ def resolve_prompt_order(data_args: DataArguments) -> str:
     return data_args.prompt_order
 
 
-def load_data(data_args: DataArguments, seed: int, caption_column: str | None = None):
+def load_data(data_args: DataArguments, seed: int, caption_column: str | None = None,
+              check_splits: tuple[str, ...] = ("train", "validation", "test")):
     """The train / validation / test splits `data_args` names, and where each comes from (one line per split). With
-    `caption_column`, rows need an image and a caption (retrieval), not a question and an answer."""
+    `caption_column`, rows need an image and a caption (retrieval), not a question and an answer. The images of
+    `check_splits` (data on disk) are opened first: a missing or unreadable one raises a `ValueError` naming it."""
     if data_args.dataset == "synthetic":
         if data_args.eval_dataset or data_args.test_dataset:
             raise ValueError("--eval_dataset / --test_dataset take data on disk; the synthetic set generates its own "
@@ -202,9 +210,13 @@ def load_data(data_args: DataArguments, seed: int, caption_column: str | None = 
                    "validation": f"generated held-out examples ({seed_note}; drawn apart from the training examples)",
                    "test": f"generated held-out examples ({seed_note}; drawn apart from the training examples)"}
         return dataset, origins
-    return load_vlm_splits(data_args.dataset, data_args.image_column, data_args.question_column,
-                           data_args.answer_column, seed=seed, validation_source=data_args.eval_dataset,
-                           test_source=data_args.test_dataset, caption_column=caption_column)
+    dataset, origins = load_vlm_splits(data_args.dataset, data_args.image_column, data_args.question_column,
+                                       data_args.answer_column, seed=seed, validation_source=data_args.eval_dataset,
+                                       test_source=data_args.test_dataset, caption_column=caption_column)
+    # Every image is opened (not decoded) now, before any step: a missing or unreadable file, or a URL offline, is
+    # named here rather than after training steps ran.
+    check_images(dataset, origins, splits=check_splits)
+    return dataset, origins
 
 
 def _print_splits(dataset, origins: dict[str, str]) -> None:
@@ -212,12 +224,43 @@ def _print_splits(dataset, origins: dict[str, str]) -> None:
         print(f"data: {split} {len(dataset[split]):,} rows, {origins[split]}", flush=True)
 
 
-def _build_model_and_processor(model_args: ModelArguments, train_split):
+def require_sparsemoe_checkpoint(path: str | Path, flag: str) -> None:
+    """Refuse a checkpoint of another architecture (e.g. a Llama or LLaVA folder) with the conversion scripts to use;
+    a folder or id that cannot be read is left to `from_pretrained` to report."""
+    try:
+        config, _ = SparseMoEVLMConfig.get_config_dict(str(path))
+    except Exception:
+        return
+    model_type = config.get("model_type")
+    if model_type != SparseMoEVLMConfig.model_type:
+        kind = f"a `{model_type}` checkpoint" if model_type else "a checkpoint whose config.json names no model_type"
+        raise ValueError(
+            f"{flag} {path} is {kind}, not a SparseMoE-VLM checkpoint (model_type {SparseMoEVLMConfig.model_type!r}). "
+            "Convert it first with a script of conversion/ (see conversion/README.md): conversion/upcycle_llava.py "
+            "for a LLaVA model, conversion/compose.py for a vision encoder and a Llama-family language model, "
+            "conversion/convert_moe_llava.py for MoE-LLaVA weights; then pass the converted folder.")
+
+
+def _has_processor(folder: Path | None) -> bool:
+    return folder is not None and (folder / "processor_config.json").is_file() and (folder / "tokenizer.json").is_file()
+
+
+def _build_model_and_processor(model_args: ModelArguments, train_split, checkpoint: Path | None = None):
     """Load a checkpoint, or build the preset (optionally as its dense baseline) with a tokenizer trained on the
-    training texts."""
+    training texts. A resumed run (`checkpoint`) takes the checkpoint's processor (its token ids are the ones the
+    weights were trained on, whatever the data now) and, for a preset model, its config."""
     if model_args.model_name_or_path:
+        require_sparsemoe_checkpoint(model_args.model_name_or_path, "--model_name_or_path")
+        source = checkpoint if _has_processor(checkpoint) else model_args.model_name_or_path
         return (SparseMoEVLMForConditionalGeneration.from_pretrained(model_args.model_name_or_path),
-                SparseMoEVLMProcessor.from_pretrained(model_args.model_name_or_path))
+                SparseMoEVLMProcessor.from_pretrained(source))
+    processor = SparseMoEVLMProcessor.from_pretrained(checkpoint) if _has_processor(checkpoint) else None
+    if processor is not None and (checkpoint / "config.json").is_file():  # LoRA checkpoints hold the adapter only
+        return SparseMoEVLMForConditionalGeneration(SparseMoEVLMConfig.from_pretrained(checkpoint)), processor
+    if checkpoint is not None and processor is None:
+        print(f"warning: {checkpoint} has no processor (processor_config.json, tokenizer.json); the tokenizer is "
+              "trained again from the training texts, which gives the token ids the checkpoint was trained with only "
+              "if those texts did not change.", file=sys.stderr, flush=True)
     overrides = {"router_type": model_args.router_type} if model_args.router_type else {}
     config = preset_config(model_args.preset, **overrides)
     if model_args.dense_baseline:
@@ -230,12 +273,13 @@ def _build_model_and_processor(model_args: ModelArguments, train_split):
                              f"active experts ({active_width}); got intermediate_size={text.intermediate_size}.")
         config = preset_config(model_args.preset, **overrides, intermediate_size=active_width,
                                mlp_layer_types=["dense"] * text.num_hidden_layers)
-    texts = [text for column in ("question", "answer", "caption") if column in train_split.column_names
-             for text in train_split[column]]
-    if "messages" in train_split.column_names:
-        texts += [item["text"] for messages in train_split["messages"] for m in messages
-                  for item in m["content"] if item["type"] == "text" and item.get("text")]
-    processor = build_processor(config, texts)
+    if processor is None:
+        texts = [text for column in ("question", "answer", "caption") if column in train_split.column_names
+                 for text in train_split[column]]
+        if "messages" in train_split.column_names:
+            texts += [item["text"] for messages in train_split["messages"] for m in messages
+                      for item in m["content"] if item["type"] == "text" and item.get("text")]
+        processor = build_processor(config, texts)
     return SparseMoEVLMForConditionalGeneration(config), processor
 
 
@@ -286,6 +330,97 @@ def _vision_pretraining(model, processor, model_args: ModelArguments, data_args:
         print(f"vision pretraining: {steps} steps, patch loss {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
 
 
+def _resume_checkpoint(resume: str | None, output_dir: Path) -> Path | None:
+    """The checkpoint `--resume_from_checkpoint` names: `last` (or `true`) is the newest complete checkpoint of this
+    run in `output_dir` (incomplete ones and those of another run are passed over, with a warning); a folder must
+    be a complete checkpoint. Refused with the reason, naming the file, before any work."""
+    if resume is None:
+        return None
+    if resume.lower() in ("last", "true"):
+        checkpoint, skipped = find_last_checkpoint(output_dir)
+        for line in skipped:
+            print(f"warning: --resume_from_checkpoint {resume} passes over {line}", file=sys.stderr, flush=True)
+        if checkpoint is None:
+            reasons = f" that can be resumed ({'; '.join(skipped)})" if skipped else ""
+            raise ValueError(f"--resume_from_checkpoint {resume}: no checkpoint in {output_dir}{reasons}. Start a "
+                             f"new run without --resume_from_checkpoint (with --overwrite_output_dir to clear the "
+                             f"folder's checkpoints), or give a checkpoint folder.")
+        print(f"resuming from {checkpoint}", flush=True)
+        return checkpoint
+    checkpoint = Path(resume)
+    problem = checkpoint_problem(checkpoint)
+    if problem:
+        raise ValueError(f"Cannot resume from {checkpoint}: {problem}. Resume from an earlier checkpoint, or with "
+                         f"--resume_from_checkpoint last, which passes over incomplete checkpoints.")
+    return checkpoint
+
+
+def _check_output_dir(output_dir: Path, fresh: bool, overwrite: bool, main_process: bool = True) -> None:
+    """Refuse an output folder that cannot be written, and (for a new run) one holding checkpoints of an earlier
+    run: `--resume_from_checkpoint last` could pick them up, and the Trainer's rotation by step number would delete
+    this run's lower-numbered checkpoints first. `--overwrite_output_dir` deletes them."""
+    earlier = checkpoints(output_dir) if fresh else []
+    if earlier and not overwrite:
+        names = ", ".join(path.name for path in earlier[:4]) + (" ..." if len(earlier) > 4 else "")
+        raise ValueError(f"--output_dir {output_dir} holds checkpoints of an earlier run ({names}). Continue that run "
+                         f"with --resume_from_checkpoint last, train into another --output_dir, or pass "
+                         f"--overwrite_output_dir true to delete them and start anew.")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir, prefix=".write-test-") as probe:
+            probe.write(b"\0" * 4096)
+            probe.flush()
+    except OSError as error:
+        raise ValueError(f"--output_dir {output_dir} cannot be written ({error.strerror or error}); nothing was "
+                         f"trained. Choose a writable folder, or fix its permissions or free space.") from None
+    if main_process:
+        for path in earlier:
+            shutil.rmtree(path)
+            print(f"--overwrite_output_dir: deleted {path}", flush=True)
+
+
+def _check_free_space(model, output_dir: Path, training_args: TrainingArguments) -> None:
+    """Refuse to start when the output folder's disk cannot hold one checkpoint (weights, plus Adam's two moments
+    unless --save_only_model) and the final model."""
+    if training_args.save_strategy == "no":
+        needed = 0
+    else:
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        trainable = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+        needed = weights + (0 if training_args.save_only_model else 2 * trainable)
+    needed += sum(p.numel() * p.element_size() for p in model.parameters())
+    free = shutil.disk_usage(output_dir).free
+    if free < needed:
+        raise ValueError(f"--output_dir {output_dir}: {free / 2**20:,.0f} MiB free on its disk, but a checkpoint and "
+                         f"the final model need about {needed / 2**20:,.0f} MiB; nothing was trained. Free space or "
+                         f"choose another folder.")
+
+
+def _save_after_failure(trainer, error: BaseException) -> None:
+    """After a fault in the middle of training, save what was trained as a checkpoint (if steps ran since the last
+    one) and say how to continue; the original error is raised again by the caller."""
+    state = trainer.state
+    step = state.global_step
+    last = Path(trainer.args.output_dir) / f"checkpoint-{step}"
+    reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    if step == 0 or trainer.args.world_size > 1 or not trainer.is_world_process_zero():
+        # (several processes: the others may be waiting in a collective; their checkpoints stay as written)
+        print(f"error: training stopped at step {step} ({reason}).", file=sys.stderr, flush=True)
+        return
+    if checkpoint_problem(last) is None:
+        saved = f"the checkpoint of step {step}, {last}, is complete"
+    else:
+        try:
+            trainer._save_checkpoint(trainer.model, trial=None)
+            problem = checkpoint_problem(last)
+            saved = f"saved what was trained to {last}" if problem is None else f"could not save step {step} ({problem})"
+        except Exception as save_error:  # e.g. the disk that stopped training is full
+            traceback.print_exc()
+            saved = f"could not save step {step} ({type(save_error).__name__}: {save_error})"
+    print(f"error: training stopped at step {step} ({reason}); {saved}. Fix the cause, then continue with "
+          f"--resume_from_checkpoint last (it resumes the newest complete checkpoint).", file=sys.stderr, flush=True)
+
+
 def train(argv: list[str]) -> dict[str, float]:
     """Run `sparsemoe-vlm train`; returns the final metrics."""
     model_args, data_args, training_args = parse_train_args(argv)
@@ -298,19 +433,19 @@ def train(argv: list[str]) -> dict[str, float]:
         raise ValueError("Nothing to train: --max_steps and --num_train_epochs are both 0. To score a saved model use "
                          "`sparsemoe-vlm evaluate MODEL_DIR`.")
     resolve_prompt_order(data_args)
+    if model_args.model_name_or_path:
+        require_sparsemoe_checkpoint(model_args.model_name_or_path, "--model_name_or_path")
+    # The output folder and the checkpoint to resume are checked before any data is read or any step runs.
+    checkpoint = _resume_checkpoint(training_args.resume_from_checkpoint, output_dir)
+    _check_output_dir(output_dir, fresh=checkpoint is None, overwrite=model_args.overwrite_output_dir,
+                      main_process=training_args.process_index == 0)
     dataset, origins = load_data(data_args, training_args.seed)
     _print_splits(dataset, origins)
     if model_args.lora_r > 0 and (model_args.training_stage != "full" or model_args.freeze_vision_tower):
         raise ValueError("--lora_r trains only the LoRA adapters (everything else is frozen); leave "
                          "--training_stage at full and --freeze_vision_tower off with LoRA.")
-    resume = training_args.resume_from_checkpoint
-    if resume is not None and resume.lower() in ("last", "true"):
-        # Trainer finds the last checkpoint itself; refuse here, before any work, when there is none.
-        if not output_dir.is_dir() or get_last_checkpoint(str(output_dir)) is None:
-            raise ValueError(f"--resume_from_checkpoint {resume}: no checkpoint in {output_dir}.")
-        resume = True
-    model, processor = _build_model_and_processor(model_args, dataset["train"])
-    _vision_pretraining(model, processor, model_args, data_args, training_args, resuming=resume is not None)
+    model, processor = _build_model_and_processor(model_args, dataset["train"], checkpoint)
+    _vision_pretraining(model, processor, model_args, data_args, training_args, resuming=checkpoint is not None)
     counts = apply_training_stage(model, model_args.training_stage, model_args.freeze_vision_tower)
     if model_args.lora_r > 0:
         model = apply_lora(model, model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout,
@@ -318,6 +453,7 @@ def train(argv: list[str]) -> dict[str, float]:
         counts["trainable"] = model.num_parameters(only_trainable=True)
     print(f"model: {counts['total']:,} parameters, {counts['trainable']:,} trainable "
           f"(stage {model_args.training_stage}); router {model.config.text_config.router_type}", flush=True)
+    _check_free_space(model, output_dir, training_args)
 
     if data_args.num_single_shape_first > 0:
         if data_args.dataset != "synthetic":
@@ -327,12 +463,24 @@ def train(argv: list[str]) -> dict[str, float]:
     collator = VLMDataCollator(processor, prompt_order=data_args.prompt_order, seed=training_args.seed)
     if data_args.prompt_order == "random":
         dataset["train"] = assign_prompt_orders(dataset["train"], seed=training_args.seed)
+    # A new run records itself in the output folder and each of its checkpoints; a resumed one continues the
+    # checkpoint's run (see `find_last_checkpoint`).
+    run_id = read_run_id(checkpoint) or read_run_id(output_dir) if checkpoint is not None else None
+    if training_args.process_index == 0:
+        run_id = write_run_file(output_dir, run_id)
     trainer = SparseMoEVLMTrainer(
         model=model, args=training_args, train_dataset=dataset["train"], eval_dataset=dataset["validation"],
         data_collator=collator, processing_class=processor, generation_collator=collator,
-        generation_max_new_tokens=data_args.max_new_tokens,
+        generation_max_new_tokens=data_args.max_new_tokens, run_id=run_id,
     )
-    trainer.train(resume_from_checkpoint=resume)
+    if checkpoint is not None and not trainer.restore_expert_load(checkpoint):
+        print(f"warning: {checkpoint} kept no routing counts (written by an older version): the expert-load plot "
+              f"covers steps {trainer.expert_load_first_step} onwards only.", file=sys.stderr, flush=True)
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+    except BaseException as error:
+        _save_after_failure(trainer, error)
+        raise
 
     metrics = {}
     if len(dataset["validation"]):
@@ -354,8 +502,12 @@ def train(argv: list[str]) -> dict[str, float]:
             trainer.save_model(str(output_dir))
         processor.save_pretrained(output_dir)
         if trainer.expert_load:
+            # The counts of a resumed run continue those kept in its checkpoint: the plot covers the whole run, unless
+            # that checkpoint kept none.
+            first, last = trainer.expert_load_first_step, trainer.state.global_step
             plot_expert_load(trainer.expert_load, output_dir / "expert_load.png",
-                             [f"layer {i}" for i in model.config.text_config.sparse_layer_indices])
+                             [f"layer {i}" for i in model.config.text_config.sparse_layer_indices],
+                             note=f"steps {first}-{last} of {last} only" if first > 1 else None)
             saved.append("routing plot (expert_load.png)")
         # What the model card (and `evaluate`) read back: the results, the log history (routing statistics) in the
         # Trainer's state, the Trainer's arguments as Transformers serialises them and the script's own arguments
@@ -364,13 +516,16 @@ def train(argv: list[str]) -> dict[str, float]:
         trainer.save_state()
         (output_dir / TRAINING_ARGS_FILE).write_text(training_args.to_json_string())
         (output_dir / RUN_ARGS_FILE).write_text(json.dumps(
-            {"model": asdict(model_args), "data": asdict(data_args), "world_size": training_args.world_size},
-            indent=2))
+            {"model": asdict(model_args), "data": asdict(data_args), "world_size": training_args.world_size,
+             "expert_load_steps": [trainer.expert_load_first_step, trainer.state.global_step]}, indent=2))
         write_model_card(model, output_dir, model_id=training_args.hub_model_id or str(output_dir))
         _print_demo_answers(collator, test, answers, data_args.num_demo_answers)
         print("\nMetrics: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
         print(f"Saved {', '.join(saved)} to {output_dir}")
     return metrics
+
+
+DEFAULT_PUSH_TIMEOUT = 120.0
 
 
 @dataclass
@@ -387,6 +542,31 @@ class PushArguments:
     keep_card: bool = field(default=False, metadata={
         "help": "Upload the folder's README.md unchanged instead of regenerating the card for `repo_id`."})
     token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in token / HF_TOKEN)."})
+    timeout: float = field(default=DEFAULT_PUSH_TIMEOUT, metadata={
+        "help": "Seconds to wait for the Hub on any one network operation (connecting, sending a piece of a file, "
+                "awaiting an answer) before the push fails; the Hub client alone would wait forever."})
+
+
+@contextmanager
+def _hub_timeout(seconds: float):
+    """Every request huggingface_hub makes inside gives up after `seconds` without progress (its shared HTTP client
+    has no timeout of its own). The client factory in use (a user's, for proxies) is kept and restored after."""
+    import httpx2
+    from huggingface_hub import set_client_factory
+    from huggingface_hub.utils import _http
+
+    previous = getattr(_http, "_GLOBAL_CLIENT_FACTORY", _http.default_client_factory)
+
+    def bounded():
+        client = previous()
+        client.timeout = httpx2.Timeout(seconds)
+        return client
+
+    set_client_factory(bounded)  # closes the current client: the next request makes a bounded one
+    try:
+        yield
+    finally:
+        set_client_factory(previous)
 
 
 def push(argv: list[str]) -> str:
@@ -419,6 +599,10 @@ def push(argv: list[str]) -> str:
         raise SystemExit(f"Refusing to upload {folder}: no config.json there. Pass a folder written by "
                          f"`save_pretrained` or `sparsemoe-vlm train`.")
     try:
+        require_sparsemoe_checkpoint(folder, "The folder")
+    except ValueError as error:
+        raise SystemExit(f"Refusing to upload: {error}") from None
+    try:
         model, loading = SparseMoEVLMForConditionalGeneration.from_pretrained(folder, output_loading_info=True)
         processor = SparseMoEVLMProcessor.from_pretrained(folder)
     except Exception as error:  # anything that stops a user from loading it stops the upload
@@ -439,8 +623,10 @@ def push(argv: list[str]) -> str:
             f"{processor.image_token_id} vs {config.image_token_id}, image tokens {processor.image_seq_length} vs "
             f"{config.image_seq_length}). Save the processor built for this model (`build_processor`).")
 
+    if not args.timeout > 0:
+        raise SystemExit(f"--timeout must be > 0 seconds, got {args.timeout}.")
     api = HfApi(token=args.token)
-    with tempfile.TemporaryDirectory(prefix="sparsemoe-vlm-push-") as stage:
+    with tempfile.TemporaryDirectory(prefix="sparsemoe-vlm-push-") as stage, _hub_timeout(args.timeout):
         stage = Path(stage)
         model.save_pretrained(stage)  # weights, config, generation config, modeling code for trust_remote_code
         processor.save_pretrained(stage)
@@ -470,6 +656,14 @@ def push(argv: list[str]) -> str:
             commit = api.upload_folder(repo_id=args.repo_id, folder_path=stage, revision=args.revision,
                                        commit_message=args.commit_message)
         except Exception as error:  # HTTP errors (401, 403, 404, ...) and unreachable endpoints alike
+            if _is_timeout(error):
+                # The commit may have been made with its answer lost: all of the files landed, or none did.
+                where = f"{constants.ENDPOINT}/{args.repo_id}/commits/{args.revision or 'main'}"
+                raise SystemExit(
+                    f"Push of {folder} to {args.repo_id} timed out: the Hub did not answer for {args.timeout:g} s "
+                    f"while trying to {step} ({type(error).__name__}). The upload is one commit, so either all of "
+                    f"the folder's files landed or none did: check {where}, then run the same push again (files "
+                    f"already there are not sent twice); on a slow connection raise --timeout.") from None
             # upload_folder is one commit: a failure before it returns leaves none of the folder's files on the Hub
             # (the repository or branch may already have been created).
             raise SystemExit(
@@ -478,6 +672,19 @@ def push(argv: list[str]) -> str:
                 f"may write to this namespace, and the endpoint ({constants.ENDPOINT}).") from None
     print(f"Pushed {folder} to {args.repo_id} ({args.revision or 'main'}): {commit.commit_url}")
     return commit.commit_url
+
+
+def _is_timeout(error: BaseException) -> bool:
+    """Whether an error (or one it was raised from) is a network timeout."""
+    import httpx2
+
+    for _ in range(20):  # the chain of causes, bounded
+        if error is None:
+            return False
+        if isinstance(error, httpx2.TimeoutException | TimeoutError):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _valid_branch_name(name: str) -> bool:
@@ -568,6 +775,7 @@ def evaluate(argv: list[str]) -> dict[str, float]:
     if not (model_dir / "config.json").is_file():
         raise SystemExit(f"{model_dir} is not a saved model (no config.json there). Pass the --output_dir of "
                          f"`sparsemoe-vlm train` or a folder written by `save_pretrained`.")
+    require_sparsemoe_checkpoint(model_dir, "MODEL_DIR")
     model = SparseMoEVLMForConditionalGeneration.from_pretrained(model_dir)
     processor = SparseMoEVLMProcessor.from_pretrained(model_dir)
     if data_args.dataset == "synthetic" and eval_args.split != "train":
@@ -575,7 +783,8 @@ def evaluate(argv: list[str]) -> dict[str, float]:
     # Rows carved from a training file are carved with the run's seed, so its test rows are the ones scored here.
     retrieval = eval_args.task == "retrieval"
     dataset, origins = load_data(data_args, seed=run_args.get("training", {}).get("seed", 0),
-                                 caption_column=eval_args.caption_column if retrieval else None)
+                                 caption_column=eval_args.caption_column if retrieval else None,
+                                 check_splits=(eval_args.split,))
     rows = dataset[eval_args.split]
     if len(rows) == 0:
         raise SystemExit(f"The {eval_args.split} split of {data_args.dataset} is empty; nothing to score.")

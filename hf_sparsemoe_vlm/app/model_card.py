@@ -395,6 +395,10 @@ def build_model_card(
             routing.append((group, *(routing_log.get(routing_log_key(group, statistic), "-")
                                      for statistic in ROUTING_STATISTICS)))
     expert_load_plot = "expert_load.png" if run_dir is not None and (run_dir / "expert_load.png").is_file() else None
+    # A run resumed from a checkpoint that kept no routing counts plots the steps after it only.
+    first, last = run_args.get("expert_load_steps") or (1, None)
+    expert_load_note = (f"steps {first} to {last} of {last} only: the run resumed from a checkpoint that kept no "
+                        "routing counts") if expert_load_plot and first > 1 else None
 
     card_data = ModelCardData(
         library_name="transformers", pipeline_tag="image-text-to-text", license=license, language=language,
@@ -419,7 +423,7 @@ def build_model_card(
         summary=summary, project_url=PROJECT_URL, hub_url=HUB_URL, base_model=base_model, conversion=conversion,
         architecture=architecture, parameters=parameters, training=training, training_summary=training_summary,
         evaluation=evaluation, evaluation_summary=evaluation_summary, routing=routing,
-        expert_load_plot=expert_load_plot, example_question=example_question, image_code=image_code,
+        expert_load_plot=expert_load_plot, expert_load_note=expert_load_note, example_question=example_question, image_code=image_code,
         expected_answer=expected_answer, question_first=question_first, prompt_order_comment=order_comment,
         prompt_order_note=order_note,
         limitations=list(limitations or DEFAULT_LIMITATIONS), decoder_mlps=decoder_mlps,

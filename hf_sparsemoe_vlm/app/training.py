@@ -18,11 +18,13 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, is_initialized
 from accelerate.utils import DistributedDataParallelKwargs
 from PIL import Image, ImageDraw, ImageFont
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainerState
 from transformers.integrations import TensorBoardCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..configuration_sparsemoe_vlm import SparseMoEVLMConfig
 from ..processing_sparsemoe_vlm import BUILT_TOKENIZER_SPECIAL_TOKENS, IMAGE_TOKEN, SparseMoEVLMProcessor
+from .checkpoints import load_expert_load, save_expert_load, write_run_file
 from .metrics import load_metric
 
 
@@ -503,16 +505,21 @@ class _UniqueFileTensorBoardCallback(TensorBoardCallback):
 
 class SparseMoEVLMTrainer(Trainer):
     """`Trainer` that logs the router losses and routing health next to the loss, keeps the expert load of the
-    run for the plot, and adds generation-based exact match to `evaluate()`."""
+    run for the plot (in every checkpoint too, so that a resumed run plots the whole run), and adds generation-based
+    exact match to `evaluate()`. `run_id` is recorded in each checkpoint (see `checkpoints.find_last_checkpoint`)."""
 
     def __init__(self, *args, generation_collator: VLMDataCollator | None = None,
-                 generation_max_new_tokens: int = 16, **kwargs):
+                 generation_max_new_tokens: int = 16, run_id: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.generation_collator = generation_collator
         self.generation_max_new_tokens = generation_max_new_tokens
+        self.run_id = run_id
         self._routing_sums: dict[str, float] = defaultdict(float)
         self._routing_count = 0
         self.expert_load: dict[str, torch.Tensor] = {}
+        # The first optimizer step the expert load covers: 1, unless the run resumed from a checkpoint that kept no
+        # routing counts.
+        self.expert_load_first_step = 1
         callbacks = self.callback_handler.callbacks
         for index, callback in enumerate(callbacks):
             if type(callback) is TensorBoardCallback and callback.tb_writer is None:
@@ -520,6 +527,29 @@ class SparseMoEVLMTrainer(Trainer):
                 replacement.logging_dir = callback.logging_dir
                 callbacks[index] = replacement
         add_laplace_scale_callback(self)
+
+    def restore_expert_load(self, checkpoint: str | Path) -> bool:
+        """Continue the expert load of the run a checkpoint belongs to; False (the plot then starts after the
+        checkpoint's step) when the checkpoint kept no routing counts."""
+        counts = load_expert_load(checkpoint)
+        if counts is None:
+            self.expert_load = {}
+            self.expert_load_first_step = TrainerState.load_from_json(
+                str(Path(checkpoint) / "trainer_state.json")).global_step + 1
+            return False
+        self.expert_load, self.expert_load_first_step = counts, 1
+        return True
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # The routing counts and the run id go in first: the Trainer writes trainer_state.json last, so a checkpoint
+        # that has it (a complete one) has them too.
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            save_expert_load(folder, self.expert_load)
+            if self.run_id:
+                write_run_file(folder, self.run_id)
+        super()._save_checkpoint(model, trial)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
@@ -567,12 +597,12 @@ def _load_colour(fraction: float) -> tuple[int, int, int]:
     return tuple(round(lo + (hi - lo) * fraction) for lo, hi in zip(low, high, strict=True))
 
 
-def plot_expert_load(expert_load: dict[str, torch.Tensor], path: str | Path, layer_names: list[str] | None = None
-                     ) -> Path:
+def plot_expert_load(expert_load: dict[str, torch.Tensor], path: str | Path, layer_names: list[str] | None = None,
+                     note: str | None = None) -> Path:
     """Write a PNG heat map of the expert load: one panel per modality group (text / image experts), one row per
     sparse layer, one column per expert; each cell is the percentage of the group's token-to-expert assignments in
     that layer that went to the expert (a row sums to 100%; the uniform share is 100 / experts). The colour scale,
-    shared by the panels, is drawn on the right."""
+    shared by the panels, is drawn on the right. `note` is added to the title (e.g. which steps the counts cover)."""
     if not expert_load:
         raise ValueError("No expert load to plot: the run recorded no routing statistics.")
     shares = {group: 100 * counts.float() / counts.float().sum(-1, keepdim=True).clamp(min=1)
@@ -607,7 +637,8 @@ def plot_expert_load(expert_load: dict[str, torch.Tensor], path: str | Path, lay
     height = top + max(p.height for p in panels) + margin
     canvas = Image.new("RGB", (max(width, 640), height), "white")
     draw = ImageDraw.Draw(canvas)
-    draw.text((margin, 10), "Expert load per sparse layer", fill="black", font=title_font)
+    draw.text((margin, 10), "Expert load per sparse layer" + (f" ({note})" if note else ""), fill="black",
+              font=title_font)
     draw.text((margin, 40), "% of each group's token-to-expert assignments (rows sum to 100%; uniform = 100 / experts)",
               fill=(60, 60, 60), font=small)
     x = margin
