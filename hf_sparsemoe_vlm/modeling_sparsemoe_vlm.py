@@ -694,11 +694,12 @@ class SparseMoEVLMPreTrainedModel(PreTrainedModel):
         """
         _check_expert_device_map(kwargs.get("device_map"))
         expert_quant_type = _expert_quant_type(kwargs.get("quantization_config"))
-        model = super().from_pretrained(*args, **kwargs)
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # `output_loading_info=True` adds the info
         if expert_quant_type is not None:
             quantize_expert_tensors(model, expert_quant_type)
         map_disk_offloaded_experts(model)
-        return model
+        return loaded
 
     @classmethod
     def is_custom_code(cls) -> bool:
