@@ -2,7 +2,7 @@
 repeats, median): all weights resident; `device_map="auto"` under a memory limit (Accelerate offloads whole decoder
 layers); `expert_offload_device_map` with every expert group on disk; and the same with the memory limit, which keeps
 the first expert groups resident. Shape (issue #17): hidden 1024, 8 sparse layers, 16 text + 16 image experts of
-width 512, top-2, 256 image + 64 text tokens. Memory: the process's peak resident set (`ru_maxrss`, which counts the
+width 512, top-2, 256 image + 64 text tokens. Memory: the process's peak resident set (`VmHWM`, which counts the
 pages of the memory-mapped checkpoint that loading touched) and, after decoding, its anonymous resident memory
 (`RssAnon`: the weights it holds itself) beside the mapped file pages (`RssFile`, reclaimable page cache); decode time = time(generate N + 1 tokens) - time(generate 1 token).
 Prints a markdown table and writes benchmarks/results/expert_offload.json.
@@ -26,7 +26,7 @@ from hf_sparsemoe_vlm import SparseMoEVLMConfig, SparseMoEVLMForConditionalGener
 ARMS = ("resident", "layer offload (auto)", "experts on disk", "experts on disk, limit")
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 import torch
 from transformers import AutoConfig
 from hf_sparsemoe_vlm import SparseMoEVLMForConditionalGeneration, expert_offload_device_map
@@ -60,7 +60,7 @@ one, many = generate(1), generate(new_tokens + 1)
 placed = getattr(model, "hf_device_map", None) or {{}}
 status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
 print("RESULT " + json.dumps({{"load_s": load, "prefill_s": one, "decode_s": many - one,
-                             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                             "peak_rss_mb": int(status["VmHWM"].split()[0]) / 1024,
                              "anon_rss_mb": int(status["RssAnon"].split()[0]) / 1024,
                              "file_rss_mb": int(status["RssFile"].split()[0]) / 1024,
                              "on_disk": sum(1 for d in placed.values() if d == "disk"), "modules": len(placed)}}))
