@@ -212,6 +212,18 @@ def test_a_read_only_output_folder_is_refused_before_training(tmp_path):
                 main(["train", "--output_dir", str(output), "--num_train_examples", "8", *QUICK])
 
 
+def test_an_output_disk_without_room_for_a_checkpoint_is_refused_before_training(tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 2**20, 2**20))
+    with pytest.raises(ValueError, match=r"1 MiB free on its disk, but a checkpoint and the final model need about "
+                                         r"\d+ MiB; nothing was trained"):
+        main(["train", "--output_dir", str(tmp_path / "run"), "--num_train_examples", "8", "--num_test_examples", "2",
+              "--num_validation_examples", "0", "--max_steps", "1", "--use_cpu", "true",
+              "--vision_pretraining_steps", "0"])
+    assert not list((tmp_path / "run").iterdir())
+
+
 def test_a_checkpoint_of_another_architecture_is_refused_with_the_conversion_scripts(tmp_path):
     LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                 num_attention_heads=2).save_pretrained(tmp_path / "llama")
