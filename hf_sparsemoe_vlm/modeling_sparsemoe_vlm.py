@@ -204,6 +204,56 @@ class SparseMoEVLMMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
 
 
+class _ExpertsSwiGLU(torch.autograd.Function):
+    """Every expert's SwiGLU MLP on its rows (`expert_inputs` grouped by expert, `rows_per_expert` each), with a
+    backward that writes each expert's weight gradient straight into one gradient of the fused tensor. Autograd
+    through per-expert slices would build that gradient from per-expert pieces: a zero-filled (E, 2I, H) tensor
+    per expert hit when indexing, or one more full copy (a stack) when unbinding."""
+
+    @staticmethod
+    def forward(ctx, expert_inputs, gate_up_proj, down_proj, rows_per_expert, act_fn):
+        gate_up_outputs, outputs = [], []
+        for expert_idx, expert_input in enumerate(expert_inputs.split(rows_per_expert)):
+            gate_up_outputs.append(F.linear(expert_input, gate_up_proj[expert_idx]))
+            gate, up = gate_up_outputs[-1].chunk(2, dim=-1)
+            outputs.append(F.linear(act_fn(gate) * up, down_proj[expert_idx]))
+        ctx.save_for_backward(expert_inputs, gate_up_proj, down_proj, torch.cat(gate_up_outputs))
+        ctx.rows_per_expert, ctx.act_fn = rows_per_expert, act_fn
+        return torch.cat(outputs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_outputs):
+        expert_inputs, gate_up_proj, down_proj, gate_up_outputs = ctx.saved_tensors
+        rows = ctx.rows_per_expert
+        need_input, need_gate_up, need_down = ctx.needs_input_grad[:3]
+        grad_inputs = torch.empty_like(expert_inputs) if need_input else None
+        grad_gate_up = torch.empty_like(gate_up_proj) if need_gate_up else None
+        grad_down = torch.empty_like(down_proj) if need_down else None
+        splits = zip(expert_inputs.split(rows), gate_up_outputs.split(rows), grad_outputs.split(rows),
+                     grad_inputs.split(rows) if need_input else [None] * len(rows), strict=True)
+        for expert_idx, (expert_input, gate_up_output, grad_output, grad_input) in enumerate(splits):
+            if expert_input.shape[0] == 0:  # an expert no row used: zero gradient
+                for grad in (grad_gate_up, grad_down):
+                    if grad is not None:
+                        grad[expert_idx].zero_()
+                continue
+            gate, up = gate_up_output.chunk(2, dim=-1)
+            with torch.enable_grad():
+                gate = gate.detach().requires_grad_()
+                activated = ctx.act_fn(gate)
+            grad_hidden = grad_output @ down_proj[expert_idx]
+            if need_down:
+                torch.mm(grad_output.T, activated.detach() * up, out=grad_down[expert_idx])
+            (grad_gate,) = torch.autograd.grad(activated, gate, grad_hidden * up)
+            grad_gate_up_output = torch.cat([grad_gate, grad_hidden * activated.detach()], dim=-1)
+            if need_gate_up:
+                torch.mm(grad_gate_up_output.T, expert_input, out=grad_gate_up[expert_idx])
+            if need_input:
+                torch.mm(grad_gate_up_output, gate_up_proj[expert_idx], out=grad_input)
+        return grad_inputs, grad_gate_up, grad_down, None, None
+
+
 def eager_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
@@ -230,22 +280,22 @@ def eager_experts_forward(
     num_pairs = sum(rows_per_expert)
     order = order[:num_pairs]
     token_idx = order // num_top_k
-    expert_inputs = hidden_states[token_idx].split(rows_per_expert)
+    expert_inputs = hidden_states[token_idx]
     gate_up_proj, down_proj = self.gate_up_proj, self.down_proj
     trainable = gate_up_proj.requires_grad or down_proj.requires_grad
-    if torch.is_grad_enabled() and trainable and _is_plain_tensor(gate_up_proj):
-        # Unbound once: indexing the fused parameter per expert makes autograd build and add up a zero-filled
-        # gradient of the whole (E, 2I, H) tensor for every expert hit.
-        gate_up_proj, down_proj = gate_up_proj.unbind(0), down_proj.unbind(0)
-    expert_outputs = []
-    for expert_idx, expert_input in enumerate(expert_inputs):
-        if expert_input.shape[0] == 0:
-            continue
-        gate, up = F.linear(expert_input, gate_up_proj[expert_idx]).chunk(2, dim=-1)
-        expert_outputs.append(F.linear(self.act_fn(gate) * up, down_proj[expert_idx]))
-    if not expert_outputs:
-        return torch.zeros_like(hidden_states)
-    weighted = torch.cat(expert_outputs) * top_k_weights.reshape(-1)[order, None]
+    if torch.is_grad_enabled() and trainable and _is_plain_tensor(gate_up_proj) and _is_plain_tensor(down_proj):
+        expert_outputs = _ExpertsSwiGLU.apply(expert_inputs, gate_up_proj, down_proj, rows_per_expert, self.act_fn)
+    else:
+        expert_outputs = []
+        for expert_idx, expert_input in enumerate(expert_inputs.split(rows_per_expert)):
+            if expert_input.shape[0] == 0:
+                continue
+            gate, up = F.linear(expert_input, gate_up_proj[expert_idx]).chunk(2, dim=-1)
+            expert_outputs.append(F.linear(self.act_fn(gate) * up, down_proj[expert_idx]))
+        if not expert_outputs:
+            return torch.zeros_like(hidden_states)
+        expert_outputs = torch.cat(expert_outputs)
+    weighted = expert_outputs * top_k_weights.reshape(-1)[order, None]
     return torch.zeros_like(hidden_states).index_add(0, token_idx, weighted.to(hidden_states.dtype))
 
 

@@ -334,6 +334,54 @@ def test_experts_implementations_give_the_same_logits(router_type):
     torch.testing.assert_close(logits["grouped_mm"], logits["eager"], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("router_type", ROUTER_TYPES)
+def test_experts_implementations_give_the_same_gradients(router_type):
+    # The eager loop has a backward of its own (each expert's weight gradient written into the fused gradient):
+    # it must agree with autograd through Transformers' grouped and batched kernels, for every parameter.
+    model = make_model(router_type=router_type, num_shared_experts=1, num_experts=6, router_bias=True)
+    _sharpen_routers(model, scale=2.0)
+    with torch.no_grad():  # text expert 5 of layer 0 is never routed to
+        model.model.language_model.layers[0].mlp.text_moe.router.bias[5] = -1e4
+    model.train()
+    model.config.text_config.router_jitter_noise = 0.0
+    inputs = make_inputs(model.config)
+    inputs["labels"] = inputs["input_ids"]
+    grads = {}
+    for implementation in ("eager", "batched_mm", "grouped_mm"):
+        model.set_experts_implementation(implementation)
+        model.zero_grad()
+        model(**inputs).loss.backward()
+        grads[implementation] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    experts = "model.language_model.layers.0.mlp.text_moe.experts.gate_up_proj"
+    assert experts in grads["eager"]
+    # An expert no token used gets an exactly zero gradient; the others do not.
+    assert torch.equal(grads["eager"][experts].flatten(1).abs().sum(-1) == 0, torch.arange(6) == 5)
+    for implementation in ("batched_mm", "grouped_mm"):
+        assert grads[implementation].keys() == grads["eager"].keys()
+        for name, grad in grads["eager"].items():
+            torch.testing.assert_close(grads[implementation][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_eager_experts_backward_with_frozen_expert_tensors_reaches_inputs_and_routers():
+    model = make_model(num_shared_experts=1)
+    model.train()
+    model.config.text_config.router_jitter_noise = 0.0
+    inputs = make_inputs(model.config)
+    inputs["labels"] = inputs["input_ids"]
+    model(**inputs).loss.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert "model.language_model.layers.0.mlp.text_moe.experts.down_proj" in expected
+    model.zero_grad(set_to_none=True)
+    for name, param in model.named_parameters():
+        param.requires_grad_(".experts.down_proj" not in name)  # gate_up trains, down is frozen
+    model(**inputs).loss.backward()
+    for name, param in model.named_parameters():
+        if ".experts.down_proj" in name:
+            assert param.grad is None
+        elif name in expected:
+            torch.testing.assert_close(param.grad, expected[name], rtol=0, atol=0, msg=name)
+
+
 def test_hidden_states_and_eager_attentions_are_returned():
     model = make_model(mlp_layer_types=["dense", "sparse"])
     model.set_attn_implementation("eager")
