@@ -8,9 +8,10 @@ import warnings
 import pytest
 import torch
 from safetensors import safe_open
-from tiny_models import make_inputs, make_model, make_processor_and_model
 
 from hf_sparsemoe_vlm import SparseMoEVLMForConditionalGeneration
+
+from tiny_models import make_inputs, make_model, make_processor_and_model
 
 
 torchao = pytest.importorskip("torchao")
