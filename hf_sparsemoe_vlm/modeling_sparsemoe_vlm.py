@@ -204,6 +204,19 @@ class SparseMoEVLMMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
 
 
+def _experts_swiglu(expert_inputs, gate_up_proj, down_proj, rows_per_expert, act_fn):
+    """Each expert's SwiGLU MLP on its rows of `expert_inputs` (grouped by expert, `rows_per_expert` each; at least
+    one row in all): the outputs and the gate/up projections, each concatenated in row order."""
+    gate_up_outputs, outputs = [], []
+    for expert_idx, expert_input in enumerate(expert_inputs.split(rows_per_expert)):
+        if expert_input.shape[0] == 0:
+            continue
+        gate_up_outputs.append(F.linear(expert_input, gate_up_proj[expert_idx]))
+        gate, up = gate_up_outputs[-1].chunk(2, dim=-1)
+        outputs.append(F.linear(act_fn(gate) * up, down_proj[expert_idx]))
+    return torch.cat(outputs), torch.cat(gate_up_outputs)
+
+
 class _ExpertsSwiGLU(torch.autograd.Function):
     """Every expert's SwiGLU MLP on its rows (`expert_inputs` grouped by expert, `rows_per_expert` each), with a
     backward that writes each expert's weight gradient straight into one gradient of the fused tensor. Autograd
@@ -212,14 +225,10 @@ class _ExpertsSwiGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, expert_inputs, gate_up_proj, down_proj, rows_per_expert, act_fn):
-        gate_up_outputs, outputs = [], []
-        for expert_idx, expert_input in enumerate(expert_inputs.split(rows_per_expert)):
-            gate_up_outputs.append(F.linear(expert_input, gate_up_proj[expert_idx]))
-            gate, up = gate_up_outputs[-1].chunk(2, dim=-1)
-            outputs.append(F.linear(act_fn(gate) * up, down_proj[expert_idx]))
-        ctx.save_for_backward(expert_inputs, gate_up_proj, down_proj, torch.cat(gate_up_outputs))
+        outputs, gate_up_outputs = _experts_swiglu(expert_inputs, gate_up_proj, down_proj, rows_per_expert, act_fn)
+        ctx.save_for_backward(expert_inputs, gate_up_proj, down_proj, gate_up_outputs)
         ctx.rows_per_expert, ctx.act_fn = rows_per_expert, act_fn
-        return torch.cat(outputs)
+        return outputs
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -278,23 +287,17 @@ def eager_experts_forward(
     sorted_experts, order = top_k_index.reshape(-1).sort(stable=True)
     rows_per_expert = torch.bincount(sorted_experts, minlength=self.num_experts + 1)[: self.num_experts].tolist()
     num_pairs = sum(rows_per_expert)
+    if num_pairs == 0:
+        return torch.zeros_like(hidden_states)
     order = order[:num_pairs]
     token_idx = order // num_top_k
     expert_inputs = hidden_states[token_idx]
-    gate_up_proj, down_proj = self.gate_up_proj, self.down_proj
-    trainable = gate_up_proj.requires_grad or down_proj.requires_grad
-    if torch.is_grad_enabled() and trainable and _is_plain_tensor(gate_up_proj) and _is_plain_tensor(down_proj):
-        expert_outputs = _ExpertsSwiGLU.apply(expert_inputs, gate_up_proj, down_proj, rows_per_expert, self.act_fn)
+    weights = (self.gate_up_proj, self.down_proj)
+    trainable = any(weight.requires_grad for weight in weights)
+    if torch.is_grad_enabled() and trainable and all(_is_plain_tensor(weight) for weight in weights):
+        expert_outputs = _ExpertsSwiGLU.apply(expert_inputs, *weights, rows_per_expert, self.act_fn)
     else:
-        expert_outputs = []
-        for expert_idx, expert_input in enumerate(expert_inputs.split(rows_per_expert)):
-            if expert_input.shape[0] == 0:
-                continue
-            gate, up = F.linear(expert_input, gate_up_proj[expert_idx]).chunk(2, dim=-1)
-            expert_outputs.append(F.linear(self.act_fn(gate) * up, down_proj[expert_idx]))
-        if not expert_outputs:
-            return torch.zeros_like(hidden_states)
-        expert_outputs = torch.cat(expert_outputs)
+        expert_outputs, _ = _experts_swiglu(expert_inputs, *weights, rows_per_expert, self.act_fn)
     weighted = expert_outputs * top_k_weights.reshape(-1)[order, None]
     return torch.zeros_like(hidden_states).index_add(0, token_idx, weighted.to(hidden_states.dtype))
 
@@ -880,7 +883,8 @@ def map_disk_offloaded_experts(model: nn.Module) -> int:
             else:  # Accelerate's own offload file: raw bytes
                 path = os.path.join(loader.save_folder, f"{prefix + name}.dat")
                 dtype, shape, offset = getattr(torch, info["dtype"], None), info["shape"], 0
-            if dtype is None or str(dtype) != f"torch.{info.get('dtype', str(dtype)[6:])}" or offset % dtype.itemsize:
+            converted = dtype is not None and info.get("dtype") not in (None, str(dtype).removeprefix("torch."))
+            if dtype is None or converted or offset % dtype.itemsize:
                 break  # converted on every read, or not aligned for a view
             numel = math.prod(shape)
             storage = torch.from_file(path, shared=False, size=(offset // dtype.itemsize) + numel, dtype=dtype)
