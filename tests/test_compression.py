@@ -8,6 +8,7 @@ import torch
 
 from hf_sparsemoe_vlm import SparseMoEVLMForConditionalGeneration, SparseMoEVLMProcessor
 from hf_sparsemoe_vlm.conversion.compression import (
+    align_expert_units,
     collect_expert_usage,
     compress_experts,
     experts_to_keep,
@@ -138,14 +139,68 @@ def test_merging_averages_each_dropped_expert_into_its_most_similar_kept_expert_
     prefix = GROUP.format(layer=1, group="text")
     source, result = model.state_dict(), merged.state_dict()
     served = entry.counts.double()
+    gate_up, down = source[prefix + "experts.gate_up_proj"], source[prefix + "experts.down_proj"]
     for position, expert in enumerate(kept):
         members = [expert] + [d for d, t in targets.items() if t == expert]
-        for name in ("experts.gate_up_proj", "experts.down_proj"):
-            expected = sum(served[m] * source[prefix + name][m].double() for m in members) / served[members].sum()
+        # each dropped member's units are first lined up with the kept expert's
+        aligned = [(gate_up[m], down[m]) if m == expert else align_expert_units(gate_up[m], down[m], gate_up[expert],
+                                                                                down[expert]) for m in members]
+        for index, name in enumerate(("experts.gate_up_proj", "experts.down_proj")):
+            expected = sum(served[m] * a[index].double() for m, a in zip(members, aligned)) / served[members].sum()
             torch.testing.assert_close(result[prefix + name][position].double(), expected, atol=1e-6, rtol=1e-6)
         # the router row is the kept expert's own, as in pruning
         assert torch.equal(result[prefix + "router.weight"][position], source[prefix + "router.weight"][expert])
     assert torch.equal(result[prefix + "router.weight"], pruned.state_dict()[prefix + "router.weight"])
+
+
+def swiglu(gate_up: torch.Tensor, down: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    gate, up = (inputs @ gate_up.T).chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up) @ down.T
+
+
+def test_aligning_units_recovers_a_reordered_sign_flipped_copy_and_keeps_every_expert_s_function():
+    generator = torch.Generator().manual_seed(0)
+    hidden, width = 16, 24
+    gate_up, down = torch.randn(2 * width, hidden, generator=generator), torch.randn(hidden, width, generator=generator)
+    order = torch.randperm(width, generator=generator)
+    signs = torch.where(torch.rand(width, generator=generator) < 0.5, -1.0, 1.0)
+    # the same expert with its units shuffled and half of them written with up row and down column negated
+    copy_gate_up = torch.cat([gate_up[:width][order], gate_up[width:][order] * signs[:, None]])
+    copy_down = down[:, order] * signs
+    inputs = torch.randn(5, hidden, generator=generator)
+    torch.testing.assert_close(swiglu(copy_gate_up, copy_down, inputs), swiglu(gate_up, down, inputs))
+    aligned_gate_up, aligned_down = align_expert_units(copy_gate_up, copy_down, gate_up, down)
+    assert torch.equal(aligned_gate_up, gate_up) and torch.equal(aligned_down, down)
+    # an unrelated expert is only reordered and sign-flipped: the function it computes is its own
+    other_gate_up, other_down = torch.randn_like(gate_up), torch.randn_like(down)
+    moved_gate_up, moved_down = align_expert_units(other_gate_up, other_down, gate_up, down)
+    assert not torch.equal(moved_gate_up, other_gate_up)
+    torch.testing.assert_close(swiglu(moved_gate_up, moved_down, inputs), swiglu(other_gate_up, other_down, inputs))
+
+
+def test_merging_a_reordered_duplicate_into_its_original_gives_the_original_back():
+    model = make_model(seed=4, num_image_experts=4)
+    usage = collect_expert_usage(model, calibration(model))
+    prefix = GROUP.format(layer=1, group="text")
+    state = model.state_dict()  # shares storage with the parameters
+    gate_up, down = state[prefix + "experts.gate_up_proj"], state[prefix + "experts.down_proj"]
+    width = down.shape[-1]
+    order = torch.randperm(width, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for duplicate, original in ((1, 0), (3, 2)):
+            gate_up[duplicate] = torch.cat([gate_up[original][:width][order], -gate_up[original][width:][order]])
+            down[duplicate] = -down[original][:, order]
+    # experts 0 and 2 are used most and kept; 1 routes like 0 and 3 like 2, so each duplicate merges into its original
+    entry = usage[(1, "text")]
+    entry.counts = torch.tensor([10, 5, 10, 5])
+    entry.logit_products = torch.tensor([[1.0, 0.9, 0.1, 0.0], [0.9, 1.0, 0.0, 0.1],
+                                         [0.1, 0.0, 1.0, 0.9], [0.0, 0.1, 0.9, 1.0]], dtype=torch.float64)
+    merged = compress_experts(model, usage, {"text": 2, "image": 4}, "merge").state_dict()
+    for position, original in enumerate((0, 2)):
+        torch.testing.assert_close(merged[prefix + "experts.gate_up_proj"][position], gate_up[original])
+        torch.testing.assert_close(merged[prefix + "experts.down_proj"][position], down[original])
+    # without the alignment the average of the two would be a different expert
+    assert not torch.allclose((gate_up[0] * 10 + gate_up[1] * 5) / 15, gate_up[0], atol=1e-3)
 
 
 def test_merging_an_expert_nothing_used_is_pruning_it():

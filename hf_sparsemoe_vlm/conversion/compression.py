@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..modeling_sparsemoe_vlm import ROUTER_CLASSES, SparseMoEVLMForConditionalGeneration
 
@@ -124,6 +125,45 @@ def _merge_targets(entry: ExpertUsage, kept: list[int]) -> dict[int, int]:
             if e not in kept}
 
 
+def _match_units(similarity: torch.Tensor) -> torch.Tensor:
+    """A one-to-one matching of rows to columns of a square similarity matrix with a high total: rounds of mutual
+    best pairs among the unmatched (each round matches at least the best remaining pair). `match[row] = column`."""
+    size = similarity.shape[0]
+    match = torch.empty(size, dtype=torch.long)
+    free_rows, free_cols = torch.arange(size), torch.arange(size)
+    while free_rows.numel():
+        remaining = similarity[free_rows][:, free_cols]
+        best_col, best_row = remaining.argmax(1), remaining.argmax(0)
+        mutual = best_row[best_col] == torch.arange(free_rows.numel())
+        match[free_rows[mutual]] = free_cols[best_col[mutual]]
+        taken = torch.zeros(free_cols.numel(), dtype=torch.bool)
+        taken[best_col[mutual]] = True
+        free_rows, free_cols = free_rows[~mutual], free_cols[~taken]
+    return match
+
+
+def align_expert_units(gate_up: torch.Tensor, down: torch.Tensor, target_gate_up: torch.Tensor,
+                       target_down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SwiGLU expert (`gate_up` `(2I, H)`, `down` `(H, I)`) with its hidden units reordered to line up with
+    those of `target`, computing the same function. Independently trained experts hold similar units in arbitrary
+    order, so averaging them unit by unit without this mixes unrelated units (MC-SMoE aligns before merging). A unit
+    is its gate row, up row and down column; `silu(gate) * up` is odd in `up`, so a unit whose up row and down column
+    both point the other way is the same unit with their signs flipped."""
+    size = down.shape[1]
+
+    def features(gate_up, down):
+        return (F.normalize(gate_up[:size].double(), dim=1),
+                F.normalize(torch.cat([gate_up[size:], down.T], dim=1).double(), dim=1))
+
+    gate, rest = features(gate_up, down)
+    target_gate, target_rest = features(target_gate_up, target_down)
+    rest_similarity = target_rest @ rest.T
+    order = _match_units(target_gate @ gate.T + rest_similarity.abs())
+    signs = torch.where(rest_similarity.gather(1, order[:, None]).squeeze(1) < 0, -1.0, 1.0).to(gate_up.dtype)
+    aligned_gate_up = torch.cat([gate_up[:size][order], gate_up[size:][order] * signs[:, None]])
+    return aligned_gate_up, down[:, order] * signs
+
+
 def compress_experts(model: SparseMoEVLMForConditionalGeneration, usage: dict[tuple[int, str], ExpertUsage],
                      keep: float | dict[str, int], method: str = "prune", num_experts_per_tok: int | None = None
                      ) -> SparseMoEVLMForConditionalGeneration:
@@ -166,23 +206,42 @@ def compress_experts(model: SparseMoEVLMForConditionalGeneration, usage: dict[tu
         for name in ("router.weight", "router.bias"):
             if prefix + name in state:
                 state[prefix + name] = state[prefix + name][index]
-        for name in ("experts.gate_up_proj", "experts.down_proj"):
-            weights = state[prefix + name]
-            if method == "merge":
-                served = usage[(layer, group)].counts.to(torch.float64)
-                merged = weights.double() * served[:, None, None]
-                total = served.clone()
-                for dropped, target in _merge_targets(usage[(layer, group)], experts).items():
-                    merged[target] += merged[dropped]
-                    total[target] += served[dropped]
-                # an expert that served no token keeps its own weights
-                averaged = torch.where(total[:, None, None] > 0, merged / total.clamp(min=1)[:, None, None],
-                                       weights.double())
-                weights = averaged.to(weights.dtype)
-            state[prefix + name] = weights[index].contiguous()
+        if method == "merge":
+            merged = _merged_group(state, prefix, usage[(layer, group)], experts)
+            state[prefix + "experts.gate_up_proj"], state[prefix + "experts.down_proj"] = merged
+        else:
+            for name in ("experts.gate_up_proj", "experts.down_proj"):
+                state[prefix + name] = state[prefix + name][index].contiguous()
     compressed = SparseMoEVLMForConditionalGeneration(config).to(model.dtype)
     compressed.load_state_dict(state, strict=True)
     return compressed.to(model.device).eval()
+
+
+def _merged_group(state: dict[str, torch.Tensor], prefix: str, entry: ExpertUsage, kept: list[int]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept experts' fused tensors after folding every dropped expert into its merge target: units aligned to
+    the target's, then averaged weighted by the tokens each expert served (a dropped expert nothing was routed to
+    contributes nothing; a target that served no token keeps its own weights)."""
+    gate_up, down = state[prefix + "experts.gate_up_proj"], state[prefix + "experts.down_proj"]
+    served = entry.counts.to(torch.float64)
+    merged_gate_up = [gate_up[k].double() * served[k] for k in kept]
+    merged_down = [down[k].double() * served[k] for k in kept]
+    total = [served[k].clone() for k in kept]
+    for dropped, target in _merge_targets(entry, kept).items():
+        slot = kept.index(target)
+        aligned_gate_up, aligned_down = align_expert_units(gate_up[dropped], down[dropped], gate_up[target],
+                                                           down[target])
+        merged_gate_up[slot] += aligned_gate_up.double() * served[dropped]
+        merged_down[slot] += aligned_down.double() * served[dropped]
+        total[slot] += served[dropped]
+    for slot, k in enumerate(kept):
+        if total[slot] > 0:
+            merged_gate_up[slot] /= total[slot]
+            merged_down[slot] /= total[slot]
+        else:
+            merged_gate_up[slot], merged_down[slot] = gate_up[k].double(), down[k].double()
+    return (torch.stack(merged_gate_up).to(gate_up.dtype).contiguous(),
+            torch.stack(merged_down).to(down.dtype).contiguous())
 
 
 def usage_summary(usage: dict[tuple[int, str], ExpertUsage], kept: dict[tuple[int, str], list[int]]
