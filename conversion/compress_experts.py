@@ -9,7 +9,10 @@ similarity of the experts' router logits. Every group then keeps its `--keep` mo
 group, or a count per group: `text=2,image=1`), and the others are
   - pruned (`--method prune`): dropped with their router rows;
   - merged (`--method merge`): folded into the kept expert whose router logits are most similar, the weights
-    averaged by the tokens each expert served (MC-SMoE's usage-weighted merging).
+    averaged by the tokens each expert served (MC-SMoE's usage-weighted merging), after lining up the dropped
+    expert's hidden units with the kept expert's (a permutation and sign flips that leave its function unchanged).
+Optionally (`--distill_steps N`) the compressed model is then fine-tuned for N steps towards the original's
+next-token distributions on the calibration batches, which recovers most of what the removal cost.
 The result is a normal checkpoint with fewer experts per group (the config says how many), its processor and a model
 card naming the base model, the method, the calibration data and the experts kept. Like every conversion script it
 checks its inputs first, writes to a hidden staging folder, re-loads and checks the written model, then moves it
@@ -38,6 +41,7 @@ from hf_sparsemoe_vlm.conversion.compression import (
     COMPRESSION_METHODS,
     collect_expert_usage,
     compress_experts,
+    distill_compressed_model,
     experts_to_keep,
     usage_summary,
 )
@@ -75,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--calibration_rows", type=int, default=512, help="Training rows routed (default 512).")
     group.add_argument("--batch_size", type=int, default=32)
     group.add_argument("--seed", type=int, default=0, help="Seed of the synthetic rows / of the row sample.")
+    group = parser.add_argument_group("distillation after compression")
+    group.add_argument("--distill_steps", type=int, default=0,
+                       help="AdamW steps fitting the compressed model's next-token distribution to the original's on "
+                            "the calibration batches (KL divergence; no labels needed). Default 0: none.")
+    group.add_argument("--distill_learning_rate", type=float, default=1e-4)
     return parser
 
 
@@ -82,6 +91,9 @@ def calibration_rows(args: argparse.Namespace):
     """`--calibration_rows` rows of the calibration data's training split, and where they come from."""
     if args.calibration_rows <= 0:
         raise ValueError(f"--calibration_rows must be positive, got {args.calibration_rows}.")
+    if args.distill_steps < 0 or args.distill_learning_rate <= 0:
+        raise ValueError(f"--distill_steps must be >= 0 and --distill_learning_rate positive, got "
+                         f"{args.distill_steps} and {args.distill_learning_rate}.")
     data_args = DataArguments(dataset=args.calibration_data, num_train_examples=args.calibration_rows,
                               num_validation_examples=0, num_test_examples=0, synthetic_seed=args.seed)
     dataset, origins = load_data(data_args, seed=args.seed)
@@ -111,9 +123,16 @@ def convert(args: argparse.Namespace) -> Path:
     processor = scripts.load_source("the processor", input_dir, lambda: SparseMoEVLMProcessor.from_pretrained(
         input_dir))
     collator = VLMDataCollator(processor, seed=args.seed)
-    usage = collect_expert_usage(model, batches(collator, rows, args.batch_size))
+    calibration_batches = list(batches(collator, rows, args.batch_size))
+    usage = collect_expert_usage(model, calibration_batches)
     kept = experts_to_keep(usage, args.keep)
     compressed = compress_experts(model, usage, args.keep, args.method, args.num_experts_per_tok)
+    distillation = None
+    if args.distill_steps:
+        losses = distill_compressed_model(compressed, model, calibration_batches, args.distill_steps,
+                                          args.distill_learning_rate, seed=args.seed)
+        distillation = (f"{args.distill_steps} steps at learning rate {args.distill_learning_rate:g}, KL to the "
+                        f"original {losses[0]:.4f} -> {losses[-1]:.4f}")
     dtype = scripts.output_dtype(args.dtype, model.config)
     compressed.to(dtype)
     check_batch = collator([rows[i] for i in range(min(args.batch_size, len(rows)))])
@@ -126,18 +145,21 @@ def convert(args: argparse.Namespace) -> Path:
     kept_text = ", ".join(f"{group} {count} of {model.config.text_config.expert_groups[group]}"
                           for group, count in text_config.expert_groups.items())
     conversion = (f"expert {'pruning' if args.method == 'prune' else 'merging'} of `{args.base_model or input_dir}` "
-                  f"from routing statistics on {calibration}: {kept_text} experts kept per sparse layer")
+                  f"from routing statistics on {calibration}: {kept_text} experts kept per sparse layer"
+                  + (f", then distilled from the original on the same data ({distillation})" if distillation else ""))
     summary = usage_summary(usage, kept)
     scripts.finish_conversion(
         compressed, processor, args, title=f"Compressed {input_dir} -> {output_dir} ({args.method})",
         rows=[("experts kept per group", kept_text),
               ("parameters", f"{before:,} -> {after:,} ({after / before:.1%})"),
               ("calibration", calibration),
+              *([("distillation", distillation)] if distillation else []),
               ("routing mass kept", ", ".join(f"{name} {entry['kept_mass_share']:.1%}"
                                               for name, entry in summary.items()))],
         conversion=conversion, verify=verify, started=started,
         conversion_info={"base_model": args.base_model or str(input_dir), "method": args.method,
                          "keep": args.keep, "calibration_data": calibration, "experts": summary,
+                         "distillation": distillation,
                          "dtype": str(dtype).removeprefix("torch.")})
     return output_dir
 

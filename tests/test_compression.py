@@ -11,6 +11,7 @@ from hf_sparsemoe_vlm.conversion.compression import (
     align_expert_units,
     collect_expert_usage,
     compress_experts,
+    distill_compressed_model,
     experts_to_keep,
     usage_summary,
 )
@@ -146,7 +147,7 @@ def test_merging_averages_each_dropped_expert_into_its_most_similar_kept_expert_
         aligned = [(gate_up[m], down[m]) if m == expert else align_expert_units(gate_up[m], down[m], gate_up[expert],
                                                                                 down[expert]) for m in members]
         for index, name in enumerate(("experts.gate_up_proj", "experts.down_proj")):
-            expected = sum(served[m] * a[index].double() for m, a in zip(members, aligned)) / served[members].sum()
+            expected = sum(served[m] * a[index].double() for m, a in zip(members, aligned, strict=True)) / served[members].sum()
             torch.testing.assert_close(result[prefix + name][position].double(), expected, atol=1e-6, rtol=1e-6)
         # the router row is the kept expert's own, as in pruning
         assert torch.equal(result[prefix + "router.weight"][position], source[prefix + "router.weight"][expert])
@@ -213,6 +214,47 @@ def test_merging_an_expert_nothing_used_is_pruning_it():
         assert torch.equal(merged[key], pruned[key]), key
 
 
+def kl_to(teacher, student, batches) -> float:
+    with torch.no_grad():
+        total = 0.0
+        for batch in batches:
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            target = torch.log_softmax(teacher(**inputs).logits, -1)
+            predicted = torch.log_softmax(student(**inputs).logits, -1)
+            divergence = torch.nn.functional.kl_div(predicted, target, log_target=True, reduction="none").sum(-1)
+            total += float(divergence[inputs["attention_mask"].bool()].mean())
+        return total / len(batches)
+
+
+def test_distillation_brings_a_merged_model_closer_to_the_original_and_leaves_the_original_alone():
+    model = make_model(seed=5, num_image_experts=4)
+    with torch.no_grad():  # sharper next-token distributions than a random model's, so merging visibly moves them
+        model.lm_head.weight.mul_(30.0)
+    batches = calibration(model, batches=3)
+    merged = compress_experts(model, collect_expert_usage(model, batches), 0.5, "merge")
+    original_state = {k: v.clone() for k, v in model.state_dict().items()}
+    before = kl_to(model, merged, batches)
+    losses = distill_compressed_model(merged, model, batches, steps=30, learning_rate=1e-4)
+    after = kl_to(model, merged, batches)
+    assert len(losses) == 30 and before > 0
+    assert after < 0.6 * before, (before, after)
+    assert not merged.training and all(torch.equal(v, model.state_dict()[k]) for k, v in original_state.items())
+    # no steps: nothing changes
+    state = {k: v.clone() for k, v in merged.state_dict().items()}
+    assert distill_compressed_model(merged, model, batches, steps=0) == []
+    assert all(torch.equal(v, merged.state_dict()[k]) for k, v in state.items())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"steps": -1}, "must be >= 0"), ({"steps": 2, "learning_rate": 0.0}, "learning rate must be positive"),
+    ({"steps": 2, "batches": []}, "at least one calibration batch")])
+def test_distillation_refuses_bad_settings(kwargs, message):
+    model = make_model(seed=5)
+    kwargs = {"batches": calibration(model, batches=1), **kwargs}
+    with pytest.raises(ValueError, match=message):
+        distill_compressed_model(model, model, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
     processor, model = make_processor_and_model(seed=2, num_image_experts=4)
@@ -245,12 +287,27 @@ def test_script_writes_a_smaller_checkpoint_that_loads_and_says_how_it_was_made(
     assert len(info["experts"]["layer0.image"]["kept"]) == 2 and "24 rows of synthetic" in info["calibration_data"]
     card = (output / "README.md").read_text()
     assert "org/tiny-sparsemoe" in card and "expert merging" in card and "text 2 of 4, image 2 of 4" in card
+    assert info["distillation"] is None and "distilled" not in card
+
+
+def test_script_distils_after_merging_and_says_so(saved_model, tmp_path, capsys):
+    output = tmp_path / "half-distilled"
+    assert compress_script.main(["--input", str(saved_model), "--output", str(output), "--method", "merge",
+                                 "--keep", "0.5", "--calibration_rows", "16", "--batch_size", "8",
+                                 "--distill_steps", "4", "--distill_learning_rate", "2e-4",
+                                 "--base_model", "org/tiny-sparsemoe"]) == 0
+    assert "distillation" in capsys.readouterr().out
+    info = json.loads((output / "conversion.json").read_text())
+    assert info["distillation"].startswith("4 steps at learning rate 0.0002, KL to the original")
+    assert "then distilled from the original" in (output / "README.md").read_text()
+    SparseMoEVLMForConditionalGeneration.from_pretrained(output)
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--keep", "0.5", "--method", "prune", "--calibration_rows", "0"], "--calibration_rows must be positive"),
     (["--keep", "text=9,image=2", "--method", "prune"], "Cannot keep 9 of the 4 text experts"),
     (["--keep", "0.5", "--method", "prune", "--calibration_data", "missing.jsonl"], "missing.jsonl"),
+    (["--keep", "0.5", "--method", "merge", "--distill_steps", "-2"], "--distill_steps must be >= 0"),
 ])
 def test_script_bad_input_exits_1_and_writes_nothing(argv, message, saved_model, tmp_path, capsys):
     before = {p: p.read_bytes() for p in saved_model.iterdir()}

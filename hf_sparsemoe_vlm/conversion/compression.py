@@ -244,6 +244,46 @@ def _merged_group(state: dict[str, torch.Tensor], prefix: str, entry: ExpertUsag
             torch.stack(merged_down).to(down.dtype).contiguous())
 
 
+def distill_compressed_model(student: SparseMoEVLMForConditionalGeneration,
+                             teacher: SparseMoEVLMForConditionalGeneration, batches: list[dict[str, torch.Tensor]],
+                             steps: int, learning_rate: float = 1e-4, seed: int = 0) -> list[float]:
+    """Fine-tune a compressed model (`student`, in place) towards the model it came from (`teacher`) for `steps`
+    AdamW steps over `batches` (cycled, shuffled per pass): the KL divergence of the student's next-token
+    distribution from the teacher's on every real token. No labels are needed, so any calibration data serves; it
+    recovers what removing experts cost the routers and the experts that absorbed others. Returns the loss of each
+    step. The student is left in eval mode."""
+    if steps < 0:
+        raise ValueError(f"The number of distillation steps must be >= 0, got {steps}.")
+    if steps and not batches:
+        raise ValueError("Distillation needs at least one calibration batch.")
+    if learning_rate <= 0:
+        raise ValueError(f"The distillation learning rate must be positive, got {learning_rate}.")
+    teacher.eval()
+    student.train()
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=learning_rate,
+                                  weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    losses = []
+    for _ in range(steps):
+        if not order:
+            order = torch.randperm(len(batches), generator=generator).tolist()
+        batch = batches[order.pop()]
+        inputs = {k: v.to(student.device) for k, v in batch.items() if k != "labels"}
+        real = inputs["attention_mask"].bool() if "attention_mask" in inputs else None
+        with torch.no_grad():
+            target = F.log_softmax(teacher(**inputs).logits.float(), dim=-1)
+        predicted = F.log_softmax(student(**inputs).logits.float(), dim=-1)
+        divergence = F.kl_div(predicted, target, log_target=True, reduction="none").sum(-1)
+        loss = divergence[real].mean() if real is not None else divergence.mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    student.eval()
+    return losses
+
+
 def usage_summary(usage: dict[tuple[int, str], ExpertUsage], kept: dict[tuple[int, str], list[int]]
                   ) -> dict[str, dict]:
     """Per `layer<i>.<group>`: tokens seen, tokens per expert, the experts kept, and the share of routing mass they
@@ -257,5 +297,5 @@ def usage_summary(usage: dict[tuple[int, str], ExpertUsage], kept: dict[tuple[in
     return summary
 
 
-__all__ = ["COMPRESSION_METHODS", "ExpertUsage", "collect_expert_usage", "compress_experts", "experts_to_keep",
-           "usage_summary"]
+__all__ = ["COMPRESSION_METHODS", "ExpertUsage", "align_expert_units", "collect_expert_usage", "compress_experts",
+           "distill_compressed_model", "experts_to_keep", "usage_summary"]
