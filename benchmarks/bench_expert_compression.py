@@ -1,7 +1,8 @@
 """Expert pruning vs merging on a trained model, side by side in one run: for each share of experts kept and each
 method, the parameters, the checkpoint bytes, held-out exact match and caption BLEU (both prompt orders, the main
 job's test split) and greedy decode tokens/s as a ratio to the uncompressed model (interleaved repeats, median).
-Routing statistics come from calibration rows of the training split (not the test rows scored).
+Routing statistics come from calibration rows of the training split (not the test rows scored); the `+ distill`
+variants are then fine-tuned towards the uncompressed model's next-token distributions on the same rows.
 Prints a markdown table and writes benchmarks/results/expert_compression.json.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_expert_compression.py --model_dir runs/sparsemoe-vlm-tiny
@@ -20,7 +21,7 @@ import torch
 from hf_sparsemoe_vlm import SparseMoEVLMForConditionalGeneration, SparseMoEVLMProcessor
 from hf_sparsemoe_vlm.app.cli import DataArguments, load_data
 from hf_sparsemoe_vlm.app.training import VLMDataCollator, evaluate_answers
-from hf_sparsemoe_vlm.conversion.compression import collect_expert_usage, compress_experts
+from hf_sparsemoe_vlm.conversion.compression import collect_expert_usage, compress_experts, distill_compressed_model
 
 
 def checkpoint_bytes(model) -> int:
@@ -43,6 +44,10 @@ def main() -> None:
     parser.add_argument("--test_rows", type=int, default=300)
     parser.add_argument("--new_tokens", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--distill_steps", type=int, default=300,
+                        help="Also every variant distilled from the uncompressed model for this many steps on the "
+                             "calibration batches (0: none).")
+    parser.add_argument("--distill_learning_rate", type=float, default=1e-4)
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "expert_compression.json"))
     args = parser.parse_args()
 
@@ -64,6 +69,12 @@ def main() -> None:
         for method in ("prune", "merge"):
             variants[f"{method} {keep:.0%}"] = compress_experts(
                 model, usage, keep, method, num_experts_per_tok=min(top_k, kept))
+            if args.distill_steps:
+                distilled = compress_experts(model, usage, keep, method, num_experts_per_tok=min(top_k, kept))
+                losses = distill_compressed_model(distilled, model, calibration, args.distill_steps,
+                                                  args.distill_learning_rate)
+                print(f"{method} {keep:.0%} distilled: KL {losses[0]:.4f} -> {losses[-1]:.4f}", flush=True)
+                variants[f"{method} {keep:.0%} + distill"] = distilled
 
     decode_inputs = collator.prompts([dataset["test"][i] for i in range(4)], image_first=True)
     for variant in variants.values():  # warm-up
