@@ -3,10 +3,12 @@
 
 import json
 
+import PIL.Image
 import pytest
 import torch
+from transformers import pipeline
 
-from hf_sparsemoe_vlm import SparseMoEVLMForConditionalGeneration, SparseMoEVLMProcessor
+from hf_sparsemoe_vlm import SparseMoEVLMForConditionalGeneration, SparseMoEVLMProcessor, expert_offload_device_map
 from hf_sparsemoe_vlm.conversion.compression import (
     align_expert_units,
     collect_expert_usage,
@@ -300,7 +302,21 @@ def test_script_distils_after_merging_and_says_so(saved_model, tmp_path, capsys)
     info = json.loads((output / "conversion.json").read_text())
     assert info["distillation"].startswith("4 steps at learning rate 0.0002, KL to the original")
     assert "then distilled from the original" in (output / "README.md").read_text()
-    SparseMoEVLMForConditionalGeneration.from_pretrained(output)
+    # a normal checkpoint: the pipeline and an expert-offload device map load it and agree with a plain load
+    model = SparseMoEVLMForConditionalGeneration.from_pretrained(output).eval()
+    processor = SparseMoEVLMProcessor.from_pretrained(output)
+    image, prompt = PIL.Image.new("RGB", (32, 32), (200, 30, 30)), f"{processor.image_token} what colour is it?"
+    inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+    expected = processor.batch_decode(model.generate(**inputs, max_new_tokens=3, do_sample=False)[:, -3:],
+                                      skip_special_tokens=True)[0]
+    pipe = pipeline("image-text-to-text", model=str(output))
+    assert pipe(images=[image], text=[prompt], max_new_tokens=3, return_full_text=False)[0]["generated_text"] \
+        == expected
+    device_map = expert_offload_device_map(model.config, "cpu", "disk")
+    offloaded = SparseMoEVLMForConditionalGeneration.from_pretrained(output, device_map=device_map,
+                                                                     offload_folder=str(tmp_path / "offload"))
+    with torch.no_grad():
+        torch.testing.assert_close(offloaded(**inputs).logits, model(**inputs).logits)
 
 
 @pytest.mark.parametrize("argv, message", [
