@@ -72,6 +72,12 @@ class SparseMoEVLMTextConfig(PreTrainedConfig):
     router weights with a bias of `1 / num_experts` open every copied expert with gates summing to one, so the
     upcycled layer starts equal to the dense MLP and the L1 penalty then switches experts off.
 
+    `prefix_attention` makes the prompt a prefix that attends bidirectionally (PaliGemma's prefix-LM): every prompt
+    token, image tokens included, sees the whole prompt, so image tokens can attend to a question that follows the
+    image; answer tokens stay causal. The prompt is the input of `generate`'s prefill, the tokens before each row's
+    first label when training, or an explicit `prefix_mask`; any other forward stays causal. Off by default
+    (LLaVA-style checkpoints are trained causally).
+
     Auxiliary losses, each with its own coefficient and only added to the loss when labels are given: the
     load-balancing loss (`router_aux_loss_coef`, computed per modality group), the router z-loss
     (`router_z_loss_coef`) and the L1/Laplace term (`router_l1_loss_coef`, relu routing only).
@@ -131,6 +137,7 @@ class SparseMoEVLMTextConfig(PreTrainedConfig):
     rope_parameters: RopeParameters | dict | None = None
     attention_bias: bool = False
     attention_dropout: float | int = 0.0
+    prefix_attention: bool = False
     mlp_bias: bool = False
     mlp_layer_types: list[str] | None = None
     num_experts: int = 4

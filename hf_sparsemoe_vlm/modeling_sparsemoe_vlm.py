@@ -978,11 +978,15 @@ class SparseMoEVLMTextModel(SparseMoEVLMPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         mm_token_type_ids: torch.Tensor | None = None,
+        prefix_mask: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> SparseMoEVLMTextModelOutputWithPast:
         r"""
         mm_token_type_ids (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
             1 for image tokens (routed to the image experts), 0 for text tokens.
+        prefix_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+            With `config.prefix_attention`: 1 for the prompt tokens of this forward, which attend to each other in
+            both directions (and to every cached token); 0 for tokens that attend causally.
         output_router_logits (`bool`, *optional*):
             Return each sparse layer's router logits (`router_logits`).
         output_routing (`bool`, *optional*):
@@ -1006,12 +1010,16 @@ class SparseMoEVLMTextModel(SparseMoEVLMPreTrainedModel):
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
+        block_sequence_ids = None
+        if prefix_mask is not None:
+            block_sequence_ids = _prefix_blocks(self.config, prefix_mask, inputs_embeds)
         causal_mask = create_causal_mask(
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             cache=cache,
             position_ids=position_ids,
+            block_sequence_ids=block_sequence_ids,
         )
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
@@ -1028,6 +1036,31 @@ class SparseMoEVLMTextModel(SparseMoEVLMPreTrainedModel):
             )
         hidden_states = self.norm(hidden_states)
         return SparseMoEVLMTextModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
+
+
+def _prefix_blocks(config: SparseMoEVLMTextConfig, prefix_mask: torch.Tensor, inputs_embeds: torch.Tensor
+                   ) -> torch.Tensor:
+    """`create_causal_mask`'s `block_sequence_ids` for a prefix-LM: block 0 (bidirectional) for the prompt, -1
+    (causal) for the rest."""
+    if not config.prefix_attention:
+        raise ValueError("`prefix_mask` was given but this model attends causally (`text_config.prefix_attention` is "
+                         "False): drop `prefix_mask`, or build the model with `prefix_attention=True` and train it so.")
+    if tuple(prefix_mask.shape) != tuple(inputs_embeds.shape[:2]):
+        raise ValueError(f"`prefix_mask` has shape {tuple(prefix_mask.shape)} but the input is "
+                         f"{tuple(inputs_embeds.shape[:2])} (batch, sequence length): one entry per token.")
+    if "flash" in (config._attn_implementation or ""):
+        raise ValueError(f"`prefix_attention` needs an attention mask that `{config._attn_implementation}` cannot "
+                         "take: load the model with attn_implementation='sdpa' (or 'eager', 'flex_attention').")
+    return torch.where(prefix_mask.to(inputs_embeds.device).bool(), 0, -1)
+
+
+def _prompt_prefix(labels: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """1 at every token before the row's first supervised label (the prompt), 0 from there on and at padding."""
+    supervised = labels != -100
+    prefix = supervised.long().cumsum(-1) == 0
+    if attention_mask is not None and attention_mask.ndim == 2:
+        prefix &= attention_mask[:, -labels.shape[1]:].bool()
+    return prefix.long()
 
 
 def grid_position_init(num_tokens: int, hidden_size: int, std: float) -> torch.Tensor:
@@ -1214,11 +1247,14 @@ class SparseMoEVLMModel(SparseMoEVLMPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         mm_token_type_ids: torch.Tensor | None = None,
+        prefix_mask: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> SparseMoEVLMModelOutputWithPast:
         r"""
         mm_token_type_ids (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
             1 for image tokens, 0 for text tokens. Derived from `input_ids` when not given.
+        prefix_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+            With `text_config.prefix_attention`: 1 for prompt tokens (attended bidirectionally), 0 for the rest.
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -1260,6 +1296,7 @@ class SparseMoEVLMModel(SparseMoEVLMPreTrainedModel):
             cache=cache,
             inputs_embeds=inputs_embeds,
             mm_token_type_ids=mm_token_type_ids,
+            prefix_mask=prefix_mask,
             **kwargs,
         )
         return SparseMoEVLMModelOutputWithPast(
@@ -1388,6 +1425,19 @@ class SparseMoEVLMForConditionalGeneration(SparseMoEVLMPreTrainedModel, Generati
         model_inputs = super().prepare_inputs_for_generation(
             input_ids, *args, mm_token_type_ids=mm_token_type_ids, is_first_iteration=is_first_iteration, **kwargs
         )
+        if self.config.text_config.prefix_attention:
+            # The prompt (the prefill) is the prefix; each later step's new token attends causally to everything.
+            if is_first_iteration:
+                if model_inputs.get("prefix_mask") is None:
+                    shape_source = model_inputs.get("input_ids")
+                    if shape_source is None:
+                        shape_source = model_inputs["inputs_embeds"][..., 0]
+                    attention_mask = model_inputs.get("attention_mask")
+                    model_inputs["prefix_mask"] = (
+                        attention_mask[:, -shape_source.shape[1]:].long() if attention_mask is not None
+                        and attention_mask.ndim == 2 else torch.ones_like(shape_source, dtype=torch.long))
+            else:
+                model_inputs.pop("prefix_mask", None)
         input_ids = model_inputs.get("input_ids")
         if is_first_iteration and model_inputs.get("pixel_values") is None and input_ids is not None:
             # The prefill of the prompt. An assistant model's prefill is not a first iteration: Transformers drops its
@@ -1406,6 +1456,7 @@ class SparseMoEVLMForConditionalGeneration(SparseMoEVLMPreTrainedModel, Generati
         cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         mm_token_type_ids: torch.Tensor | None = None,
+        prefix_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
@@ -1416,6 +1467,10 @@ class SparseMoEVLMForConditionalGeneration(SparseMoEVLMPreTrainedModel, Generati
         r"""
         mm_token_type_ids (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
             1 for image tokens (routed to the image experts), 0 for text tokens. Derived from `input_ids` if absent.
+        prefix_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*):
+            With `text_config.prefix_attention`: 1 for prompt tokens, which attend to each other bidirectionally, 0 for
+            causal tokens. Derived from `labels` when training (the tokens before each row's first label) and set
+            by `generate` for the prompt; without either, the forward is causal.
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Next-token labels (-100 is ignored). When given, the router losses are added to `loss`.
         output_router_logits (`bool`, *optional*):
@@ -1451,6 +1506,10 @@ class SparseMoEVLMForConditionalGeneration(SparseMoEVLMPreTrainedModel, Generati
         if labels is not None and isinstance(tokens, torch.Tensor) and labels.shape != tokens.shape[:2]:
             raise ValueError(f"`labels` has shape {tuple(labels.shape)} but the input is {tuple(tokens.shape[:2])} "
                              "(batch, sequence length): give one label per token (-100 where none).")
+        if text_config.prefix_attention and prefix_mask is None and labels is not None:
+            # The prompt attends bidirectionally as in `generate`'s prefill; supervised tokens and what follows
+            # them stay causal, so no label can see its own future.
+            prefix_mask = _prompt_prefix(labels.masked_fill(labels == self.config.image_token_id, -100), attention_mask)
 
         outputs = self.model(
             input_ids=input_ids,
@@ -1460,6 +1519,7 @@ class SparseMoEVLMForConditionalGeneration(SparseMoEVLMPreTrainedModel, Generati
             cache=cache,
             inputs_embeds=inputs_embeds,
             mm_token_type_ids=mm_token_type_ids,
+            prefix_mask=prefix_mask,
             use_cache=use_cache,
             output_router_logits=bool(output_router_logits),
             output_routing=record_routing,

@@ -38,12 +38,17 @@ def training_score(model, processor, image, text, with_image: bool = True) -> fl
         batch["labels"] = batch["input_ids"].masked_fill(~batch.pop("assistant_masks").bool(), -100)
     labels = batch.pop("labels")
     with torch.no_grad():
-        logits = model(**{k: v for k, v in batch.items() if k != "position_ids"}).logits
+        # with the labels, as training runs it (a prefix-attention model takes its prompt from them)
+        logits = model(**{k: v for k, v in batch.items() if k != "position_ids"}, labels=labels).logits
     return -F.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100).item()
 
 
-def test_scores_are_the_training_likelihood_and_reuse_changes_nothing(processor_and_model):
+@pytest.mark.parametrize("prefix_attention", [False, True])
+def test_scores_are_the_training_likelihood_and_reuse_changes_nothing(prefix_attention, processor_and_model):
     processor, model = processor_and_model
+    if prefix_attention:  # the same weights, the prompt attended bidirectionally
+        model = copy.deepcopy(model)
+        model.config.text_config.prefix_attention = True
     scores = score_image_texts(model, processor, IMAGES, TEXTS, prompt=PROMPT, batch_size=3)
     assert scores.shape == (3, 4)
     for i, image in enumerate(IMAGES):
@@ -52,6 +57,9 @@ def test_scores_are_the_training_likelihood_and_reuse_changes_nothing(processor_
     whole_pairs = score_image_texts(model, processor, IMAGES, TEXTS, prompt=PROMPT, batch_size=2,
                                     reuse_image_computation=False)
     torch.testing.assert_close(whole_pairs, scores, atol=1e-5, rtol=0)
+    if prefix_attention:  # and the prefix did change what the causal model scores
+        causal = score_image_texts(processor_and_model[1], processor, IMAGES, TEXTS, prompt=PROMPT, batch_size=3)
+        assert (causal - scores).abs().max() > 1e-4
 
 
 def test_scores_follow_the_checkpoints_own_chat_template(processor_and_model):

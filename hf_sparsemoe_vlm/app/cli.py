@@ -68,6 +68,10 @@ class ModelArguments:
                                         "Without it a model is built from --preset and a tokenizer is trained."})
     preset: str = field(default="tiny-resnet", metadata={"help": "Model preset used when no checkpoint is given."})
     router_type: str | None = field(default=None, metadata={"help": "Override the preset's router: topk, top_p, relu."})
+    prefix_attention: bool | None = field(default=None, metadata={
+        "help": "Override the preset (or the checkpoint's config): the prompt, image and question, attends "
+                "bidirectionally (prefix-LM, as PaliGemma), so image tokens see the question whichever comes first; "
+                "answers stay causal."})
     dense_baseline: bool = field(
         default=False, metadata={"help": "Replace every sparse layer of the preset by a dense MLP with the same "
                                          "number of active parameters (for side-by-side comparisons)."})
@@ -252,8 +256,10 @@ def _build_model_and_processor(model_args: ModelArguments, train_split, checkpoi
     if model_args.model_name_or_path:
         require_sparsemoe_checkpoint(model_args.model_name_or_path, "--model_name_or_path")
         source = checkpoint if _has_processor(checkpoint) else model_args.model_name_or_path
-        return (SparseMoEVLMForConditionalGeneration.from_pretrained(model_args.model_name_or_path),
-                SparseMoEVLMProcessor.from_pretrained(source))
+        model = SparseMoEVLMForConditionalGeneration.from_pretrained(model_args.model_name_or_path)
+        if model_args.prefix_attention is not None:
+            model.config.text_config.prefix_attention = model_args.prefix_attention
+        return model, SparseMoEVLMProcessor.from_pretrained(source)
     processor = SparseMoEVLMProcessor.from_pretrained(checkpoint) if _has_processor(checkpoint) else None
     if processor is not None and (checkpoint / "config.json").is_file():  # LoRA checkpoints hold the adapter only
         return SparseMoEVLMForConditionalGeneration(SparseMoEVLMConfig.from_pretrained(checkpoint)), processor
@@ -262,6 +268,8 @@ def _build_model_and_processor(model_args: ModelArguments, train_split, checkpoi
               "trained again from the training texts, which gives the token ids the checkpoint was trained with only "
               "if those texts did not change.", file=sys.stderr, flush=True)
     overrides = {"router_type": model_args.router_type} if model_args.router_type else {}
+    if model_args.prefix_attention is not None:
+        overrides["prefix_attention"] = model_args.prefix_attention
     config = preset_config(model_args.preset, **overrides)
     if model_args.dense_baseline:
         # Same active parameters per token: each sparse layer becomes one MLP as wide as the experts a token uses

@@ -100,11 +100,17 @@ def _mean_logprob(logprobs: torch.Tensor, targets: torch.Tensor, scored: torch.T
     return (token_logprobs.sum(-1) / scored.sum(-1)).cpu()
 
 
+def _as_prefix(model: SparseMoEVLMForConditionalGeneration, prompt: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The `prefix_mask` argument marking the prompt, for a model that attends to its prompt bidirectionally (as it
+    was trained and as `generate` runs it); nothing for a causal model."""
+    return {"prefix_mask": prompt} if model.config.text_config.prefix_attention else {}
+
+
 @torch.no_grad()
 def _answer_logprobs(model: SparseMoEVLMForConditionalGeneration, prefix_inputs: dict[str, torch.Tensor],
                      answers: list[list[int]], batch_size: int, pad_token_id: int) -> torch.Tensor:
     """Mean log-probability of every answer after one prompt: the prompt runs once, its cache serves each batch."""
-    prefix = model(**prefix_inputs, use_cache=True)
+    prefix = model(**prefix_inputs, use_cache=True, **_as_prefix(model, prefix_inputs["attention_mask"]))
     prefix_length = prefix_inputs["input_ids"].shape[1]
     first = prefix.logits[0, -1].float().log_softmax(-1)
     scores = []
@@ -133,7 +139,9 @@ def _pair_logprobs(model, processor, image, prefix: list[int], answers: list[lis
     for start in range(0, len(answers), batch_size):
         chunk = answers[start:start + batch_size]
         ids, mask = (t.to(model.device) for t in _padded([expanded + a for a in chunk], pad_token_id))
-        logits = model(input_ids=ids, attention_mask=mask,
+        prompt = torch.zeros_like(mask)
+        prompt[:, :len(expanded)] = 1
+        logits = model(input_ids=ids, attention_mask=mask, **_as_prefix(model, prompt),
                        pixel_values=inputs["pixel_values"].expand(len(chunk), -1, -1, -1)).logits.float()
         answer = slice(len(expanded), None)
         scores.append(_mean_logprob(logits[:, len(expanded) - 1:-1].log_softmax(-1), ids[:, answer], mask[:, answer]))
