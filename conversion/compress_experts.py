@@ -43,6 +43,7 @@ from hf_sparsemoe_vlm.conversion.compression import (
     compress_experts,
     distill_compressed_model,
     experts_to_keep,
+    model_inputs,
     usage_summary,
 )
 
@@ -169,7 +170,7 @@ def compare_on_calibration(model, compressed, batch: dict[str, torch.Tensor], ke
     """Logits of the compressed model against the original on one calibration batch: over every real token, and
     over the rows none of whose tokens used an expert that was removed (attention mixes a row's tokens, so a row is
     unchanged only when all of it is)."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = model_inputs(model, batch)
     original = model(**inputs, output_routing=True)
     seq_len = inputs["input_ids"].shape[1]
     changed = (compressed(**inputs).logits - original.logits).abs().amax(-1)

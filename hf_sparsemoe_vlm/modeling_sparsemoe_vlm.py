@@ -1054,7 +1054,7 @@ def _prefix_blocks(config: SparseMoEVLMTextConfig, prefix_mask: torch.Tensor, in
     return torch.where(prefix_mask.to(inputs_embeds.device).bool(), 0, -1)
 
 
-def _prompt_prefix(labels: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+def prompt_prefix_mask(labels: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """1 at every token before the row's first supervised label (the prompt), 0 from there on and at padding."""
     supervised = labels != -100
     prefix = supervised.long().cumsum(-1) == 0
@@ -1509,7 +1509,7 @@ class SparseMoEVLMForConditionalGeneration(SparseMoEVLMPreTrainedModel, Generati
         if text_config.prefix_attention and prefix_mask is None and labels is not None:
             # The prompt attends bidirectionally as in `generate`'s prefill; supervised tokens and what follows
             # them stay causal, so no label can see its own future.
-            prefix_mask = _prompt_prefix(labels.masked_fill(labels == self.config.image_token_id, -100), attention_mask)
+            prefix_mask = prompt_prefix_mask(labels.masked_fill(labels == self.config.image_token_id, -100), attention_mask)
 
         outputs = self.model(
             input_ids=input_ids,

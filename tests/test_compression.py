@@ -15,6 +15,7 @@ from hf_sparsemoe_vlm.conversion.compression import (
     compress_experts,
     distill_compressed_model,
     experts_to_keep,
+    model_inputs,
     usage_summary,
 )
 
@@ -360,3 +361,20 @@ def test_every_kind_of_checkpoint_compresses_and_runs(overrides):
         assert bound is None or bound <= min(groups.values())
         with torch.no_grad():
             assert torch.isfinite(smaller(**batches[0]).logits).all()
+
+
+def test_a_prefix_attention_model_is_calibrated_and_distilled_attending_as_in_training():
+    model = make_model(seed=6, prefix_attention=True)
+    causal = make_model(seed=6)
+    causal.load_state_dict(model.state_dict())
+    batch = calibration(model, batches=1)[0]
+    batch["labels"] = batch["input_ids"].masked_fill(torch.arange(batch["input_ids"].shape[1]) < 24, -100)
+    inputs = model_inputs(model, batch)
+    assert "labels" not in inputs and "prefix_mask" not in model_inputs(causal, batch)
+    assert torch.equal(inputs["prefix_mask"], (batch["attention_mask"].bool()
+                                               & (torch.arange(batch["input_ids"].shape[1]) < 24)).long())
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, model(**batch).logits)
+    prefix_usage, causal_usage = (collect_expert_usage(m, [batch]) for m in (model, causal))
+    assert any(not torch.allclose(prefix_usage[key].logit_products, causal_usage[key].logit_products)
+               for key in prefix_usage)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..modeling_sparsemoe_vlm import ROUTER_CLASSES, SparseMoEVLMForConditionalGeneration
+from ..modeling_sparsemoe_vlm import ROUTER_CLASSES, SparseMoEVLMForConditionalGeneration, prompt_prefix_mask
 
 
 COMPRESSION_METHODS = ("prune", "merge")
@@ -61,6 +61,16 @@ class ExpertUsage:
         return sorted(range(self.num_experts), key=lambda e: (-int(self.counts[e]), -float(self.mass[e]), e))
 
 
+def model_inputs(model: SparseMoEVLMForConditionalGeneration, batch: dict[str, torch.Tensor]
+                 ) -> dict[str, torch.Tensor]:
+    """A collator batch as the model's inputs without the labels (no loss is wanted), on the model's device; a
+    prefix-attention model gets the prompt its labels mark as `prefix_mask`, so it attends as in training."""
+    inputs = {k: v.to(model.device) for k, v in batch.items() if k != "labels"}
+    if model.config.text_config.prefix_attention and "labels" in batch:
+        inputs["prefix_mask"] = prompt_prefix_mask(batch["labels"], batch.get("attention_mask")).to(model.device)
+    return inputs
+
+
 @torch.no_grad()
 def collect_expert_usage(model: SparseMoEVLMForConditionalGeneration, batches: Iterable[dict[str, torch.Tensor]]
                          ) -> dict[tuple[int, str], ExpertUsage]:
@@ -71,7 +81,7 @@ def collect_expert_usage(model: SparseMoEVLMForConditionalGeneration, batches: I
     usage: dict[tuple[int, str], ExpertUsage] = {}
     try:
         for batch in batches:
-            inputs = {k: v.to(model.device) for k, v in batch.items() if k != "labels"}
+            inputs = model_inputs(model, batch)
             routing = model(**inputs, output_routing=True, logits_to_keep=1).routing
             attention_mask = inputs.get("attention_mask")
             flat_mask = attention_mask.reshape(-1) if attention_mask is not None else None
@@ -269,7 +279,7 @@ def distill_compressed_model(student: SparseMoEVLMForConditionalGeneration,
         if not order:
             order = torch.randperm(len(batches), generator=generator).tolist()
         batch = batches[order.pop()]
-        inputs = {k: v.to(student.device) for k, v in batch.items() if k != "labels"}
+        inputs = model_inputs(student, batch)
         real = inputs["attention_mask"].bool() if "attention_mask" in inputs else None
         with torch.no_grad():
             target = F.log_softmax(teacher(**inputs).logits.float(), dim=-1)
@@ -298,4 +308,4 @@ def usage_summary(usage: dict[tuple[int, str], ExpertUsage], kept: dict[tuple[in
 
 
 __all__ = ["COMPRESSION_METHODS", "ExpertUsage", "align_expert_units", "collect_expert_usage", "compress_experts",
-           "distill_compressed_model", "experts_to_keep", "usage_summary"]
+           "distill_compressed_model", "experts_to_keep", "model_inputs", "usage_summary"]
