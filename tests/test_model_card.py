@@ -244,3 +244,9 @@ def test_card_of_a_run_without_captions_does_not_mention_caption_scores(tmp_path
     assert "BLEU" not in card and "ROUGE" not in card and "caption" not in card.lower()
     assert "the test figures come from 3 rows (5%) carved from the training rows of d.jsonl" in card
     assert "What is in the image?" in card and "# expected" not in card
+
+
+def test_card_says_how_the_decoder_attends():
+    assert "| attention | causal |" in build_model_card(make_model(), "org/causal").text
+    card = build_model_card(make_model(prefix_attention=True), "org/prefix").text
+    assert "| attention | prefix-LM: the prompt (image and text) attends bidirectionally, answers causally |" in card

@@ -306,6 +306,8 @@ def build_model_card(
         ("decoder", f"{text_config.num_hidden_layers} layers, hidden {text_config.hidden_size}, "
                     f"{text_config.num_attention_heads} heads ({text_config.num_key_value_heads} KV), "
                     f"vocabulary {text_config.vocab_size}"),
+        ("attention", "prefix-LM: the prompt (image and text) attends bidirectionally, answers causally"
+         if text_config.prefix_attention else "causal"),
         ("sparse layers", ", ".join(map(str, sparse_layers)) or "none (dense decoder)"),
     ]
     if sparse_layers:
