@@ -20,7 +20,7 @@ from transformers.core_model_loading import Concatenate, MergeModulelist, Weight
 from transformers.generation import GenerationMixin
 from transformers.integrations import use_experts_implementation
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface, batched_mm_experts_forward
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_masks_for_generate
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPooling,
@@ -1054,6 +1054,16 @@ def _prefix_blocks(config: SparseMoEVLMTextConfig, prefix_mask: torch.Tensor, in
     return torch.where(prefix_mask.to(inputs_embeds.device).bool(), 0, -1)
 
 
+def _generation_prefix(attention_mask: torch.Tensor | None, cache: Cache | None, inputs: torch.Tensor) -> torch.Tensor:
+    """`generate`'s prefill: every real token of `inputs` (`(batch, length, ...)`) is prompt. The 2D attention mask
+    starts with the cached tokens (and may be longer than the input), so the input's columns are the ones after."""
+    batch, length = inputs.shape[:2]
+    if attention_mask is None or attention_mask.ndim != 2:
+        return torch.ones(batch, length, dtype=torch.long, device=inputs.device)
+    past = cache.get_seq_length() if cache is not None else 0
+    return attention_mask[:, past:past + length].long()
+
+
 def prompt_prefix_mask(labels: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """1 at every token before the row's first supervised label (the prompt), 0 from there on and at padding."""
     supervised = labels != -100
@@ -1409,6 +1419,21 @@ class SparseMoEVLMForConditionalGeneration(SparseMoEVLMPreTrainedModel, Generati
         for router in routers:
             router.adapt_laplace_scale()
 
+    def create_masks_for_generate(
+        self, config: SparseMoEVLMConfig, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
+        cache: Cache | None, position_ids: torch.Tensor | None, is_first_iteration: bool | None = False, **kwargs
+    ):
+        """The 4D mask `generate` builds ahead of the forward for compileable (static) caches: with
+        `prefix_attention`, the prefill's prompt attends bidirectionally there too."""
+        block_sequence_ids = None
+        if config.text_config.prefix_attention and is_first_iteration:
+            prefix = _generation_prefix(attention_mask, cache, inputs_embeds)
+            block_sequence_ids = torch.where(prefix.bool(), 0, -1)
+        return create_masks_for_generate(
+            config=config.get_text_config(), inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache,
+            position_ids=position_ids, block_sequence_ids=block_sequence_ids,
+        )
+
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
@@ -1427,16 +1452,13 @@ class SparseMoEVLMForConditionalGeneration(SparseMoEVLMPreTrainedModel, Generati
         )
         if self.config.text_config.prefix_attention:
             # The prompt (the prefill) is the prefix; each later step's new token attends causally to everything.
-            if is_first_iteration:
-                if model_inputs.get("prefix_mask") is None:
-                    shape_source = model_inputs.get("input_ids")
-                    if shape_source is None:
-                        shape_source = model_inputs["inputs_embeds"][..., 0]
-                    attention_mask = model_inputs.get("attention_mask")
-                    model_inputs["prefix_mask"] = (
-                        attention_mask[:, -shape_source.shape[1]:].long() if attention_mask is not None
-                        and attention_mask.ndim == 2 else torch.ones_like(shape_source, dtype=torch.long))
-            else:
+            if is_first_iteration and model_inputs.get("prefix_mask") is None:
+                inputs = model_inputs.get("input_ids")
+                if inputs is None:
+                    inputs = model_inputs["inputs_embeds"]
+                model_inputs["prefix_mask"] = _generation_prefix(kwargs.get("attention_mask"),
+                                                                 model_inputs.get("cache"), inputs)
+            elif not is_first_iteration:
                 model_inputs.pop("prefix_mask", None)
         input_ids = model_inputs.get("input_ids")
         if is_first_iteration and model_inputs.get("pixel_values") is None and input_ids is not None:

@@ -110,3 +110,19 @@ def test_the_config_field_is_validated_and_saved(tmp_path):
     assert reloaded.config.text_config.prefix_attention is True
     with pytest.raises(StrictDataclassFieldValidationError, match="prefix_attention"):
         make_model(prefix_attention="yes")
+
+
+def test_a_static_cache_builds_the_same_prefix_mask_as_the_dynamic_one():
+    model = prefix_model()
+    inputs = make_inputs(model.config, batch_size=2, left_pad=[0, 2])
+    settings = {"max_new_tokens": 3, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
+    with torch.no_grad():
+        dynamic = model.generate(**inputs, **settings)
+        static = model.generate(**inputs, **settings, cache_implementation="static")
+        causal = make_model(seed=7)
+        causal.load_state_dict(model.state_dict())
+        causal_static = causal.generate(**inputs, **settings, cache_implementation="static")
+    assert torch.equal(dynamic.sequences, static.sequences)
+    for dynamic_logits, static_logits in zip(dynamic.logits, static.logits, strict=True):
+        torch.testing.assert_close(static_logits, dynamic_logits, atol=1e-5, rtol=1e-5)
+    assert (static.logits[0] - causal_static.logits[0]).abs().amax() > 1e-4  # the static mask is not plain causal
