@@ -17,7 +17,7 @@ The result is a normal checkpoint with fewer experts per group (the config says 
 card naming the base model, the method, the calibration data and the experts kept. Like every conversion script it
 checks its inputs first, writes to a hidden staging folder, re-loads and checks the written model, then moves it
 into place. With top-k routing (renormalised weights) or ReLU routing, pruning experts the calibration tokens never
-used leaves the outputs on those tokens unchanged; the summary reports the calibration rows that used no removed
+used leaves the outputs on those tokens unchanged (before any distillation); the summary reports the calibration rows that used no removed
 expert and the largest logit change on them.
 
 Example:
