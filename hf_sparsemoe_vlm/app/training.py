@@ -38,11 +38,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                         "num_attention_heads": 4, "num_key_value_heads": 2, "moe_intermediate_size": 128,
                         "num_experts": 4, "num_image_experts": 4, "num_shared_experts": 0, "num_experts_per_tok": 2,
                         "mlp_layer_types": ["dense", "sparse", "dense", "sparse"], "max_position_embeddings": 256,
-                        "router_aux_loss_coef": 0.01, "router_z_loss_coef": 0.001,
-                        # The prompt attends bidirectionally, so image tokens see the question in either order: asked
-                        # image first, a causal decoder must look every answer up from the question words and fails
-                        # some seeds (benchmarks/RESULTS.md, issue #14).
-                        "prefix_attention": True},
+                        "router_aux_loss_coef": 0.01, "router_z_loss_coef": 0.001},
         "image_token_id": BUILT_TOKENIZER_SPECIAL_TOKENS.index(IMAGE_TOKEN),  # the id `build_tokenizer` gives it
     },
 }
