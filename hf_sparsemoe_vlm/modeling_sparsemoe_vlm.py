@@ -1012,7 +1012,8 @@ class SparseMoEVLMTextModel(SparseMoEVLMPreTrainedModel):
 
         block_sequence_ids = None
         if prefix_mask is not None:
-            block_sequence_ids = _prefix_blocks(self.config, prefix_mask, inputs_embeds)
+            past_tokens = cache.get_seq_length() if cache is not None else 0
+            block_sequence_ids = _prefix_blocks(self.config, prefix_mask, inputs_embeds, past_tokens)
         causal_mask = create_causal_mask(
             config=self.config,
             inputs_embeds=inputs_embeds,
@@ -1038,10 +1039,11 @@ class SparseMoEVLMTextModel(SparseMoEVLMPreTrainedModel):
         return SparseMoEVLMTextModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
 
 
-def _prefix_blocks(config: SparseMoEVLMTextConfig, prefix_mask: torch.Tensor, inputs_embeds: torch.Tensor
-                   ) -> torch.Tensor:
+def _prefix_blocks(config: SparseMoEVLMTextConfig, prefix_mask: torch.Tensor, inputs_embeds: torch.Tensor,
+                   past_tokens: int = 0) -> torch.Tensor:
     """`create_causal_mask`'s `block_sequence_ids` for a prefix-LM: block 0 (bidirectional) for the prompt, -1
-    (causal) for the rest."""
+    (causal) for the rest. They are indexed by absolute position, so `past_tokens` cached tokens come first (-1:
+    every new token sees them anyway)."""
     if not config.prefix_attention:
         raise ValueError("`prefix_mask` was given but this model attends causally (`text_config.prefix_attention` is "
                          "False): drop `prefix_mask`, or build the model with `prefix_attention=True` and train it so.")
@@ -1051,7 +1053,8 @@ def _prefix_blocks(config: SparseMoEVLMTextConfig, prefix_mask: torch.Tensor, in
     if "flash" in (config._attn_implementation or ""):
         raise ValueError(f"`prefix_attention` needs an attention mask that `{config._attn_implementation}` cannot "
                          "take: load the model with attn_implementation='sdpa' (or 'eager', 'flex_attention').")
-    return torch.where(prefix_mask.to(inputs_embeds.device).bool(), 0, -1)
+    blocks = torch.where(prefix_mask.to(inputs_embeds.device).bool(), 0, -1)
+    return F.pad(blocks, (past_tokens, 0), value=-1) if past_tokens else blocks
 
 
 def _generation_prefix(attention_mask: torch.Tensor | None, cache: Cache | None, inputs: torch.Tensor) -> torch.Tensor:

@@ -126,3 +126,22 @@ def test_a_static_cache_builds_the_same_prefix_mask_as_the_dynamic_one():
     for dynamic_logits, static_logits in zip(dynamic.logits, static.logits, strict=True):
         torch.testing.assert_close(static_logits, dynamic_logits, atol=1e-5, rtol=1e-5)
     assert (static.logits[0] - causal_static.logits[0]).abs().amax() > 1e-4  # the static mask is not plain causal
+
+
+def test_a_prefix_after_cached_tokens_lines_up_with_their_positions():
+    """A chunk with `prefix_mask` after a cached chunk (chunked prefill, or a prompt after a cached system part):
+    the same as one forward whose first part is causal and whose second part is the prefix."""
+    model = prefix_model()
+    inputs = make_inputs(model.config, batch_size=1, text_len=8)
+    ids, length = inputs["input_ids"], inputs["input_ids"].shape[1]
+    split = length - 5
+    whole_prefix = torch.zeros_like(ids)
+    whole_prefix[:, split:] = 1
+    with torch.no_grad():
+        whole = model(**inputs, prefix_mask=whole_prefix).logits
+        first = model(input_ids=ids[:, :split], attention_mask=inputs["attention_mask"][:, :split],
+                      pixel_values=inputs["pixel_values"], use_cache=True)
+        second = model(input_ids=ids[:, split:], attention_mask=inputs["attention_mask"], cache=first.cache,
+                       prefix_mask=torch.ones_like(ids[:, split:])).logits
+    torch.testing.assert_close(first.logits, whole[:, :split], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(second, whole[:, split:], atol=1e-5, rtol=1e-5)
