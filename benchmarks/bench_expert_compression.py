@@ -9,6 +9,7 @@ Prints a markdown table and writes benchmarks/results/expert_compression.json.
 """
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -70,7 +71,7 @@ def main() -> None:
             variants[f"{method} {keep:.0%}"] = compress_experts(
                 model, usage, keep, method, num_experts_per_tok=min(top_k, kept))
             if args.distill_steps:
-                distilled = compress_experts(model, usage, keep, method, num_experts_per_tok=min(top_k, kept))
+                distilled = copy.deepcopy(variants[f"{method} {keep:.0%}"])
                 losses = distill_compressed_model(distilled, model, calibration, args.distill_steps,
                                                   args.distill_learning_rate)
                 print(f"{method} {keep:.0%} distilled: KL {losses[0]:.4f} -> {losses[-1]:.4f}", flush=True)

@@ -92,9 +92,6 @@ def calibration_rows(args: argparse.Namespace):
     """`--calibration_rows` rows of the calibration data's training split, and where they come from."""
     if args.calibration_rows <= 0:
         raise ValueError(f"--calibration_rows must be positive, got {args.calibration_rows}.")
-    if args.distill_steps < 0 or args.distill_learning_rate <= 0:
-        raise ValueError(f"--distill_steps must be >= 0 and --distill_learning_rate positive, got "
-                         f"{args.distill_steps} and {args.distill_learning_rate}.")
     data_args = DataArguments(dataset=args.calibration_data, num_train_examples=args.calibration_rows,
                               num_validation_examples=0, num_test_examples=0, synthetic_seed=args.seed)
     dataset, origins = load_data(data_args, seed=args.seed)
@@ -115,6 +112,9 @@ def convert(args: argparse.Namespace) -> Path:
     started = time.time()
     input_dir = Path(args.input)
     output_dir = scripts.check_output_dir(args.output, args.overwrite, sources={"--input": input_dir})
+    if args.distill_steps < 0 or args.distill_learning_rate <= 0:  # before any data or weights are read
+        raise ValueError(f"--distill_steps must be >= 0 and --distill_learning_rate positive, got "
+                         f"{args.distill_steps} and {args.distill_learning_rate}.")
     if not (input_dir / "config.json").is_file():
         raise ValueError(f"{input_dir} has no config.json; pass a SparseMoE-VLM folder (a `sparsemoe-vlm train` "
                          "output or a converted checkpoint).")

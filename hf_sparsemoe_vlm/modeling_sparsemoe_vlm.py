@@ -1067,9 +1067,13 @@ def _generation_prefix(attention_mask: torch.Tensor | None, cache: Cache | None,
     return attention_mask[:, past:past + length].long()
 
 
-def prompt_prefix_mask(labels: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """1 at every token before the row's first supervised label (the prompt), 0 from there on and at padding."""
+def prompt_prefix_mask(labels: torch.Tensor, attention_mask: torch.Tensor | None, image_token_id: int | None = None
+                       ) -> torch.Tensor:
+    """1 at every token before the row's first supervised label (the prompt), 0 from there on and at padding. Labels
+    equal to `image_token_id` are not supervised (the model never learns to predict image placeholders)."""
     supervised = labels != -100
+    if image_token_id is not None:
+        supervised &= labels != image_token_id
     prefix = supervised.long().cumsum(-1) == 0
     if attention_mask is not None and attention_mask.ndim == 2:
         prefix &= attention_mask[:, -labels.shape[1]:].bool()
@@ -1531,10 +1535,14 @@ class SparseMoEVLMForConditionalGeneration(SparseMoEVLMPreTrainedModel, Generati
         if labels is not None and isinstance(tokens, torch.Tensor) and labels.shape != tokens.shape[:2]:
             raise ValueError(f"`labels` has shape {tuple(labels.shape)} but the input is {tuple(tokens.shape[:2])} "
                              "(batch, sequence length): give one label per token (-100 where none).")
+        if labels is not None:
+            # Image placeholders are input-only (never generated): collators that copy `input_ids` into `labels`,
+            # as TRL's vision collator does, must not train the model to predict them.
+            labels = labels.masked_fill(labels == self.config.image_token_id, -100)
         if text_config.prefix_attention and prefix_mask is None and labels is not None:
             # The prompt attends bidirectionally as in `generate`'s prefill; supervised tokens and what follows
             # them stay causal, so no label can see its own future.
-            prefix_mask = prompt_prefix_mask(labels.masked_fill(labels == self.config.image_token_id, -100), attention_mask)
+            prefix_mask = prompt_prefix_mask(labels, attention_mask)
 
         outputs = self.model(
             input_ids=input_ids,
@@ -1555,9 +1563,6 @@ class SparseMoEVLMForConditionalGeneration(SparseMoEVLMPreTrainedModel, Generati
 
         loss = None
         if labels is not None:
-            # Image placeholders are input-only (never generated): collators that copy `input_ids` into `labels`,
-            # as TRL's vision collator does, must not train the model to predict them.
-            labels = labels.masked_fill(labels == self.config.image_token_id, -100)
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=text_config.vocab_size, **kwargs)
 
         aux_loss = z_loss = l1_loss = routing_stats = None

@@ -375,6 +375,14 @@ def test_a_prefix_attention_model_is_calibrated_and_distilled_attending_as_in_tr
                                                & (torch.arange(batch["input_ids"].shape[1]) < 24)).long())
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, model(**batch).logits)
+        # labels copied from input_ids (TRL's collator): image placeholders are not supervised, so the prompt reaches
+        # past the image tokens here as in the model's own training forward
+        unlabelled = (batch["attention_mask"] == 0) | (batch["input_ids"] == model.config.text_config.bos_token_id)
+        copied = {**batch, "labels": batch["input_ids"].masked_fill(unlabelled, -100)}
+        copied_inputs = model_inputs(model, copied)
+        image_tokens = batch["input_ids"] == model.config.image_token_id
+        assert copied_inputs["prefix_mask"][image_tokens].all()
+        torch.testing.assert_close(model(**copied_inputs).logits, model(**copied).logits)
     prefix_usage, causal_usage = (collect_expert_usage(m, [batch]) for m in (model, causal))
     assert any(not torch.allclose(prefix_usage[key].logit_products, causal_usage[key].logit_products)
                for key in prefix_usage)

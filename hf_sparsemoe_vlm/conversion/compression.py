@@ -67,7 +67,8 @@ def model_inputs(model: SparseMoEVLMForConditionalGeneration, batch: dict[str, t
     prefix-attention model gets the prompt its labels mark as `prefix_mask`, so it attends as in training."""
     inputs = {k: v.to(model.device) for k, v in batch.items() if k != "labels"}
     if model.config.text_config.prefix_attention and "labels" in batch:
-        inputs["prefix_mask"] = prompt_prefix_mask(batch["labels"], batch.get("attention_mask")).to(model.device)
+        inputs["prefix_mask"] = prompt_prefix_mask(batch["labels"], batch.get("attention_mask"),
+                                                   model.config.image_token_id).to(model.device)
     return inputs
 
 
