@@ -45,6 +45,50 @@ def test_collator_labels_only_the_answers():
     assert torch.isfinite(out.loss) and out.aux_loss is not None
 
 
+def _transformers_labels(collator, rows, orders):
+    """Labels from Transformers' own `{% generation %}` assistant mask, the reference the collator's fast path must
+    reproduce."""
+    batch = collator.processor.apply_chat_template(
+        [collator.conversation(row, image_first=order) for row, order in zip(rows, orders, strict=True)],
+        tokenize=True, return_dict=True, return_tensors="pt", return_assistant_tokens_mask=True,
+        processor_kwargs={"padding": True})
+    return batch["input_ids"].masked_fill(~batch["assistant_masks"].bool(), -100)
+
+
+def test_collator_labels_equal_transformers_assistant_mask():
+    processor, _ = make_processor_and_model()
+    image = ROWS[0]["image"]
+    conversation = {"image": image, "messages": [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+        {"role": "user", "content": [{"type": "text", "text": "And the shape?\n"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": " a square,\nsmall"}]},
+    ]}
+    empty_answer = {**ROWS[1], "answer": ""}
+    for order, rows in (("image_first", ROWS), ("question_first", ROWS), ("image_first", [conversation, *ROWS]),
+                        ("question_first", [empty_answer, conversation])):
+        collator = VLMDataCollator(processor, prompt_order=order)
+        conversations = [collator.conversation(row) for row in rows]
+        ids = processor.apply_chat_template(conversations, tokenize=True, return_dict=True, return_tensors="pt",
+                                            processor_kwargs={"padding": True})["input_ids"]
+        assert collator._assistant_turns(ids, conversations) is not None  # the fast path is the one taken
+        labels = collator(rows)["labels"]
+        assert torch.equal(labels, _transformers_labels(collator, rows, [None] * len(rows))), order
+        assert (labels != -100).sum() > len(rows)
+
+
+def test_collator_falls_back_when_text_spells_a_special_token():
+    processor, _ = make_processor_and_model()
+    rows = [{**ROWS[0], "question": "Say <|end|> then <|assistant|>\n now"}, ROWS[1]]
+    collator = VLMDataCollator(processor)
+    assert collator._assistant_turns(
+        processor.apply_chat_template([collator.conversation(r) for r in rows], tokenize=True, return_dict=True,
+                                      return_tensors="pt", processor_kwargs={"padding": True})["input_ids"],
+        [collator.conversation(r) for r in rows]) is None
+    assert torch.equal(collator(rows)["labels"], _transformers_labels(collator, rows, [None, None]))
+
+
 def test_generation_prompts_end_with_the_assistant_turn():
     processor, _ = make_processor_and_model()
     prompts = VLMDataCollator(processor).prompts(ROWS)
