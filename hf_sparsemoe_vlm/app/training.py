@@ -288,6 +288,9 @@ class VLMDataCollator:
         self.answer_column = answer_column
         self.prompt_order = prompt_order
         self._order_rng = random.Random(seed)
+        # Encoded once here: an unpadded call switches the tokenizer's padding off, which its saved
+        # tokenizer.json would then record (a checkpoint saved mid-training would differ from the final one).
+        self._newline_ids = processor.tokenizer.encode("\n", add_special_tokens=False)
 
     def conversation(self, row: dict, with_answer: bool = True, image_first: bool | None = None) -> list[dict]:
         """The row as chat messages; without the answer it ends before the last assistant turn. `image_first`
@@ -353,7 +356,7 @@ class VLMDataCollator:
         Transformers."""
         tokenizer = self.processor.tokenizer
         header = tokenizer.convert_tokens_to_ids("<|assistant|>")
-        newline = tokenizer.encode("\n", add_special_tokens=False)
+        newline = self._newline_ids
         end = tokenizer.eos_token_id
         if len(newline) != 1 or end is None or header in (None, tokenizer.unk_token_id):
             return None
