@@ -3,6 +3,7 @@ import pytest
 from datasets import Image as ImageFeature
 
 from hf_sparsemoe_vlm.app.synthetic_shapes import (
+    ALL_QUESTION_TYPES,
     COLOURS,
     MIN_IMAGE_SIZE,
     NUMBER_WORDS,
@@ -26,7 +27,7 @@ def test_dataset_is_deterministic_by_seed_and_splits_differ():
 
 
 def test_answers_agree_with_the_pixels():
-    columns = generate_examples(200, seed=1, image_size=48)
+    columns = generate_examples(240, seed=1, image_size=48, question_types=ALL_QUESTION_TYPES)
     names = ("image", "question", "answer", "question_type", "caption")
     for image, question, answer, kind, caption in zip(*(columns[k] for k in names), strict=True):
         pixels = np.asarray(image).reshape(-1, 3)
@@ -45,6 +46,9 @@ def test_answers_agree_with_the_pixels():
             order = [part.split()[-1] for part in caption.replace(" and ", ", ").split(", ")]  # left to right
             leftmost, rightmost = sorted((first, second), key=order.index)
             assert side in ("left", "right") and answer == (leftmost if side == "left" else rightmost)
+        elif kind == "furthest":  # "Which shape is furthest right?": the caption's first or last shape
+            order = [part.split()[-1] for part in caption.replace(" and ", ", ").split(", ")]
+            assert len(order) >= 2 and answer == (order[0] if question.endswith("left?") else order[-1])
         else:
             assert answer == caption
 
@@ -54,7 +58,18 @@ def test_question_types_can_be_chosen_and_unknown_ones_are_rejected():
     assert set(columns["question_type"]) == {"count"}
     with pytest.raises(ValueError, match="Unknown question types"):
         generate_examples(3, seed=0, question_types=("colour", "texture"))
-    assert QUESTION_TYPES == ("colour", "shape", "count", "position", "caption")
+    assert QUESTION_TYPES == ("colour", "shape", "count", "position", "caption")  # the default mix
+    assert set(generate_examples(240, seed=1, question_types=ALL_QUESTION_TYPES)["question_type"]) == {
+        *QUESTION_TYPES, "furthest"}
+    data = make_synthetic_dataset(40, 0, 0, question_types=("furthest", "caption"))["train"]
+    assert set(data.features["question_type"].int2str(data["question_type"])) == {"furthest", "caption"}
+
+
+def test_a_new_question_type_leaves_the_draws_of_the_other_mixes_unchanged():
+    # The main job's figures were recorded on these draws: adding "furthest" to the known types must not move them.
+    columns = generate_examples(5, seed=3, question_types=("colour", "shape", "count", "position", "caption"))
+    assert columns["question"][:3] == ["What shape is yellow?", "What shape is green?", "What shape is yellow?"]
+    assert columns["answer"][:3] == generate_examples(3, seed=3)["answer"]
 
 
 def test_single_shape_curriculum_comes_first_in_the_training_split():
@@ -69,7 +84,9 @@ def test_single_shape_curriculum_comes_first_in_the_training_split():
     assert rest["question"] == plain["question"] and rest["caption"] == plain["caption"]
     assert make_synthetic_dataset(30, 4, 4, seed=2, num_single_shape_first=20)["train"]["caption"] == train["caption"]
     with pytest.raises(ValueError, match="leaves no question type"):
-        generate_examples(3, seed=0, question_types=("position",), max_shapes=1)
+        generate_examples(3, seed=0, question_types=("position", "furthest"), max_shapes=1)
+    assert set(generate_examples(20, seed=0, question_types=("furthest", "count"), max_shapes=1)["question_type"]) == {
+        "count"}
     with pytest.raises(ValueError, match="max_shapes"):
         generate_examples(3, seed=0, max_shapes=4)
 

@@ -35,9 +35,9 @@ from .model_card import (
 )
 from .retrieval import DEFAULT_RETRIEVAL_PROMPT, retrieval_metrics, score_image_texts
 from .synthetic_shapes import (
+    ALL_QUESTION_TYPES,
     MIN_IMAGE_SIZE,
     PATCH_LABELS,
-    QUESTION_TYPES,
     make_synthetic_dataset,
     patch_label_batches,
 )
@@ -119,8 +119,8 @@ class DataArguments:
     synthetic_seed: int = field(default=0, metadata={"help": "Seed of the synthetic data."})
     image_size: int = field(default=48, metadata={"help": "Side of the synthetic images (pixels)."})
     question_types: str = field(default=MAIN_JOB_QUESTION_MIX, metadata={
-        "help": f"Comma-separated synthetic question types (of {', '.join(QUESTION_TYPES)}); a type listed twice is "
-                "asked twice as often. The default asks relative position twice as often as the others: it is the "
+        "help": f"Comma-separated synthetic question types (of {', '.join(ALL_QUESTION_TYPES)}); a type listed "
+                "twice is asked twice as often. The default asks relative position twice as often as the others: it is the "
                 "one question that needs two objects found and compared."})
     num_single_shape_first: int = field(default=0, metadata={
         "help": "Synthetic curriculum: this many single-shape examples come first and the run keeps the data's "

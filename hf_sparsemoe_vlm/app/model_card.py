@@ -183,6 +183,7 @@ image = Image.new("RGB", ({size}, {size}), (40, 80, 220))  # a stand-in: use you
 _SYNTHETIC_QUESTIONS = {
     "colour": ("What colour is the circle?", "red"),
     "position": ("Which is further left, the circle or the square?", "circle"),
+    "furthest": ("Which shape is furthest right?", "square"),
     "shape": ("What shape is blue?", "square"),
     "count": ("How many shapes are there?", "two"),
     "caption": ("Describe the image.", "a red circle and a blue square"),

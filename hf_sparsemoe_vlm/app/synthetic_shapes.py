@@ -21,7 +21,11 @@ COLOURS = {
 }
 SHAPES = ("circle", "square", "triangle")
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
+# The default mix. "furthest" (which shape is furthest left / right of all) is asked only when named: a bridge
+# between captions (which list the shapes left to right) and "position" (which of two named shapes is further left).
 QUESTION_TYPES = ("colour", "shape", "count", "position", "caption")
+ALL_QUESTION_TYPES = (*QUESTION_TYPES, "furthest")
+TWO_SHAPE_QUESTIONS = ("position", "furthest")
 # Three shapes no smaller than 3 px in radius, apart and in distinct columns, need at least this many pixels a side.
 MIN_IMAGE_SIZE = 20
 
@@ -163,29 +167,34 @@ def make_question(rng: random.Random, shapes: list[PlacedShape], kind: str) -> t
         further = min if side == "left" else max
         return f"Which is further {side}, the {first.shape} or the {second.shape}?", further(
             (first, second), key=lambda s: s.x).shape
+    if kind == "furthest":
+        side = rng.choice(("left", "right"))
+        furthest = min if side == "left" else max
+        return f"Which shape is furthest {side}?", furthest(shapes, key=lambda s: s.x).shape
     if kind == "caption":
         return "Describe the image.", caption(shapes)
-    raise ValueError(f"Unknown question type {kind!r}; expected one of {QUESTION_TYPES}.")
+    raise ValueError(f"Unknown question type {kind!r}; expected one of {ALL_QUESTION_TYPES}.")
 
 
 def generate_examples(num_examples: int, seed: int, image_size: int = 48,
                       question_types: tuple[str, ...] = QUESTION_TYPES, max_shapes: int = 3) -> dict[str, list]:
     """Columns `image` (PIL), `question`, `answer`, `question_type`, `caption`, deterministic in `seed`. Images hold
-    1 to `max_shapes` shapes (position questions need two, so `max_shapes=1` leaves them out)."""
-    unknown = [kind for kind in question_types if kind not in QUESTION_TYPES]
+    1 to `max_shapes` shapes (position and furthest questions need two, so `max_shapes=1` leaves them out)."""
+    unknown = [kind for kind in question_types if kind not in ALL_QUESTION_TYPES]
     if unknown:
-        raise ValueError(f"Unknown question types {unknown}; expected a subset of {QUESTION_TYPES}.")
+        raise ValueError(f"Unknown question types {unknown}; expected a subset of {ALL_QUESTION_TYPES}.")
     if not 1 <= max_shapes <= len(SHAPES):
         raise ValueError(f"`max_shapes` must be in [1, {len(SHAPES)}], got {max_shapes}.")
     if max_shapes == 1:
-        question_types = tuple(kind for kind in question_types if kind != "position")
+        question_types = tuple(kind for kind in question_types if kind not in TWO_SHAPE_QUESTIONS)
         if not question_types:
-            raise ValueError("Position questions need two shapes; `max_shapes=1` leaves no question type.")
+            raise ValueError("Position and furthest questions need two shapes; `max_shapes=1` leaves no question "
+                             "type.")
     rng = random.Random(seed)
     columns = {"image": [], "question": [], "answer": [], "question_type": [], "caption": []}
     for _ in range(num_examples):
         kind = rng.choice(question_types)
-        count = rng.randint(2 if kind == "position" else 1, max_shapes)
+        count = rng.randint(2 if kind in TWO_SHAPE_QUESTIONS else 1, max_shapes)
         shapes = place_shapes(rng, count, image_size)
         question, answer = make_question(rng, shapes, kind)
         columns["image"].append(draw_shapes(shapes, image_size))
@@ -215,7 +224,7 @@ def make_synthetic_dataset(num_train: int = 6000, num_validation: int = 300, num
                          f"shapes; got image_size={image_size} (the default is 48).")
     features = Features({
         "image": ImageFeature(), "question": Value("string"), "answer": Value("string"),
-        "question_type": ClassLabel(names=list(QUESTION_TYPES)), "caption": Value("string"),
+        "question_type": ClassLabel(names=list(ALL_QUESTION_TYPES)), "caption": Value("string"),
     })
     splits = {}
     for offset, (name, size) in enumerate((("train", num_train), ("validation", num_validation), ("test", num_test))):
@@ -225,11 +234,11 @@ def make_synthetic_dataset(num_train: int = 6000, num_validation: int = 300, num
             first = generate_examples(num_single_shape_first, seed=seed * 1000 + 999, image_size=image_size,
                                       question_types=question_types, max_shapes=1)
             columns = {key: first[key] + columns[key] for key in columns}
-        columns["question_type"] = [QUESTION_TYPES.index(kind) for kind in columns["question_type"]]
+        columns["question_type"] = [ALL_QUESTION_TYPES.index(kind) for kind in columns["question_type"]]
         splits[name] = Dataset.from_dict(columns, features=features)
     return DatasetDict(splits)
 
 
-__all__ = ["COLOURS", "PATCH_LABELS", "QUESTION_TYPES", "SHAPES", "PlacedShape", "draw_shapes", "generate_examples",
+__all__ = ["ALL_QUESTION_TYPES", "COLOURS", "PATCH_LABELS", "QUESTION_TYPES", "SHAPES", "PlacedShape", "draw_shapes", "generate_examples",
            "make_question", "make_synthetic_dataset", "patch_centre_offsets", "patch_label_batches", "patch_labels",
            "place_shapes"]
