@@ -45,11 +45,11 @@ def test_collator_labels_only_the_answers():
     assert torch.isfinite(out.loss) and out.aux_loss is not None
 
 
-def _transformers_labels(collator, rows, orders):
+def _transformers_labels(collator, rows):
     """Labels from Transformers' own `{% generation %}` assistant mask, the reference the collator's fast path must
-    reproduce."""
+    reproduce (rows in the collator's fixed order)."""
     batch = collator.processor.apply_chat_template(
-        [collator.conversation(row, image_first=order) for row, order in zip(rows, orders, strict=True)],
+        [collator.conversation(row) for row in rows],
         tokenize=True, return_dict=True, return_tensors="pt", return_assistant_tokens_mask=True,
         processor_kwargs={"padding": True})
     return batch["input_ids"].masked_fill(~batch["assistant_masks"].bool(), -100)
@@ -74,7 +74,7 @@ def test_collator_labels_equal_transformers_assistant_mask():
                                             processor_kwargs={"padding": True})["input_ids"]
         assert collator._assistant_turns(ids, conversations) is not None  # the fast path is the one taken
         labels = collator(rows)["labels"]
-        assert torch.equal(labels, _transformers_labels(collator, rows, [None] * len(rows))), order
+        assert torch.equal(labels, _transformers_labels(collator, rows)), order
         assert (labels != -100).sum() > len(rows)
 
 
@@ -82,11 +82,11 @@ def test_collator_falls_back_when_text_spells_a_special_token():
     processor, _ = make_processor_and_model()
     rows = [{**ROWS[0], "question": "Say <|end|> then <|assistant|>\n now"}, ROWS[1]]
     collator = VLMDataCollator(processor)
-    assert collator._assistant_turns(
-        processor.apply_chat_template([collator.conversation(r) for r in rows], tokenize=True, return_dict=True,
-                                      return_tensors="pt", processor_kwargs={"padding": True})["input_ids"],
-        [collator.conversation(r) for r in rows]) is None
-    assert torch.equal(collator(rows)["labels"], _transformers_labels(collator, rows, [None, None]))
+    conversations = [collator.conversation(row) for row in rows]
+    ids = processor.apply_chat_template(conversations, tokenize=True, return_dict=True, return_tensors="pt",
+                                        processor_kwargs={"padding": True})["input_ids"]
+    assert collator._assistant_turns(ids, conversations) is None
+    assert torch.equal(collator(rows)["labels"], _transformers_labels(collator, rows))
 
 
 def test_generation_prompts_end_with_the_assistant_turn():

@@ -120,8 +120,8 @@ class DataArguments:
     image_size: int = field(default=48, metadata={"help": "Side of the synthetic images (pixels)."})
     question_types: str = field(default=MAIN_JOB_QUESTION_MIX, metadata={
         "help": f"Comma-separated synthetic question types (of {', '.join(ALL_QUESTION_TYPES)}); a type listed "
-                "twice is asked twice as often. The default asks relative position twice as often as the others: it is the "
-                "one question that needs two objects found and compared."})
+                "twice is asked twice as often. The default asks relative position twice as often as the others: it "
+                "is the one question that needs two objects found and compared."})
     num_single_shape_first: int = field(default=0, metadata={
         "help": "Synthetic curriculum: this many single-shape examples come first and the run keeps the data's "
                 "order (train_sampling_strategy=sequential); 0 = off."})

@@ -239,6 +239,6 @@ def make_synthetic_dataset(num_train: int = 6000, num_validation: int = 300, num
     return DatasetDict(splits)
 
 
-__all__ = ["ALL_QUESTION_TYPES", "COLOURS", "PATCH_LABELS", "QUESTION_TYPES", "SHAPES", "PlacedShape", "draw_shapes", "generate_examples",
-           "make_question", "make_synthetic_dataset", "patch_centre_offsets", "patch_label_batches", "patch_labels",
+__all__ = ["ALL_QUESTION_TYPES", "COLOURS", "PATCH_LABELS", "QUESTION_TYPES", "SHAPES", "PlacedShape", "draw_shapes",
+           "generate_examples", "make_question", "make_synthetic_dataset", "patch_centre_offsets", "patch_label_batches", "patch_labels",
            "place_shapes"]

@@ -288,9 +288,7 @@ class VLMDataCollator:
         self.answer_column = answer_column
         self.prompt_order = prompt_order
         self._order_rng = random.Random(seed)
-        # Encoded once here: an unpadded call switches the tokenizer's padding off, which its saved
-        # tokenizer.json would then record (a checkpoint saved mid-training would differ from the final one).
-        self._newline_ids = processor.tokenizer.encode("\n", add_special_tokens=False)
+        self._turn_ids = self._assistant_turn_ids(processor.tokenizer)
 
     def conversation(self, row: dict, with_answer: bool = True, image_first: bool | None = None) -> list[dict]:
         """The row as chat messages; without the answer it ends before the last assistant turn. `image_first`
@@ -348,24 +346,34 @@ class VLMDataCollator:
         batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         return dict(batch)
 
+    @staticmethod
+    def _assistant_turn_ids(tokenizer) -> tuple[int, int, int] | None:
+        """The ids of `<|assistant|>`, the newline after it and the end token, or None when the tokenizer lacks one
+        of them. Resolved once, at construction: encoding the newline is an unpadded call, which switches the
+        tokenizer's padding off, and its saved tokenizer.json would record that (a checkpoint saved mid-training
+        would differ from the final one)."""
+        header = tokenizer.convert_tokens_to_ids("<|assistant|>")
+        newline = tokenizer.encode("\n", add_special_tokens=False)
+        end = tokenizer.eos_token_id
+        if len(newline) != 1 or end is None or header in (None, tokenizer.unk_token_id):
+            return None
+        return header, newline[0], end
+
     def _assistant_turns(self, input_ids: torch.Tensor, conversations: list[list[dict]]) -> torch.Tensor | None:
         """The tokens of every assistant turn, its end token included, under this package's chat template (a turn is
         `<|assistant|>` `\\n` content `<|end|>`): what `return_assistant_tokens_mask=True` marks, without its
         per-token Python loop (about 7% of a training step's time at the main job's size). None when a row's tokens do
         not show its turns one to one (e.g. a message whose text spells a special token): the caller then asks
         Transformers."""
-        tokenizer = self.processor.tokenizer
-        header = tokenizer.convert_tokens_to_ids("<|assistant|>")
-        newline = self._newline_ids
-        end = tokenizer.eos_token_id
-        if len(newline) != 1 or end is None or header in (None, tokenizer.unk_token_id):
+        if self._turn_ids is None:
             return None
+        header, newline, end = self._turn_ids
         mask = torch.zeros_like(input_ids, dtype=torch.bool)
         for row, (ids, messages) in enumerate(zip(input_ids.tolist(), conversations, strict=True)):
             headers = [i for i, token in enumerate(ids) if token == header]
             ends = [i for i, token in enumerate(ids) if token == end]
             if (len(headers) != sum(m["role"] == "assistant" for m in messages) or len(ends) != len(messages)
-                    or any(i + 1 >= len(ids) or ids[i + 1] != newline[0] for i in headers)):
+                    or any(i + 1 >= len(ids) or ids[i + 1] != newline for i in headers)):
                 return None
             for start in headers:
                 stop = next((i for i in ends if i > start), None)
