@@ -164,6 +164,33 @@ def test_presets():
         preset_config("huge")
 
 
+
+def test_num_key_value_heads_overrides_the_preset_decoder_and_is_refused_with_a_checkpoint(tmp_path):
+    from datasets import Dataset
+
+    from hf_sparsemoe_vlm.app.cli import _build_model_and_processor
+
+    rows = Dataset.from_dict({"question": ["What colour is the square?"] * 4, "answer": ["red"] * 4})
+    model_args, _, _ = parse_train_args(["--num_key_value_heads", "4"])
+    model, _ = _build_model_and_processor(model_args, rows)
+    attention = model.model.language_model.layers[0].self_attn
+    assert model.config.text_config.num_key_value_heads == 4 == model.config.text_config.num_attention_heads
+    assert attention.k_proj.out_features == attention.q_proj.out_features  # full multi-head attention
+    default, _ = _build_model_and_processor(parse_train_args([])[0], rows)
+    assert default.config.text_config.num_key_value_heads == 2
+    model_args.dense_baseline = True  # the dense baseline gets the same attention
+    dense, _ = _build_model_and_processor(model_args, rows)
+    assert dense.config.text_config.num_key_value_heads == 4
+    with pytest.raises(ValueError, match="must divide `num_attention_heads`"):
+        _build_model_and_processor(parse_train_args(["--num_key_value_heads", "3"])[0], rows)
+    processor, base = make_processor_and_model()
+    base.save_pretrained(tmp_path / "base")
+    processor.save_pretrained(tmp_path / "base")
+    with pytest.raises(ValueError, match="--num_key_value_heads shapes a preset model.*Leave it out"):
+        main(["train", "--model_name_or_path", str(tmp_path / "base"), "--num_key_value_heads", "4",
+              "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
 def test_train_arguments_have_main_job_defaults():
     model_args, data_args, training_args = parse_train_args([])
     assert model_args.preset == "tiny-resnet" and data_args.dataset == "synthetic" and data_args.image_size == 48

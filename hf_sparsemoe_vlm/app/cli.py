@@ -68,6 +68,9 @@ class ModelArguments:
                                         "Without it a model is built from --preset and a tokenizer is trained."})
     preset: str = field(default="tiny-resnet", metadata={"help": "Model preset used when no checkpoint is given."})
     router_type: str | None = field(default=None, metadata={"help": "Override the preset's router: topk, top_p, relu."})
+    num_key_value_heads: int | None = field(default=None, metadata={
+        "help": "Override the preset's decoder key/value heads (grouped-query attention; the number of attention "
+                "heads means full multi-head attention). Must divide the preset's attention heads."})
     prefix_attention: bool | None = field(default=None, metadata={
         "help": "Override the preset (or the checkpoint's config): the prompt, image and question, attends "
                 "bidirectionally (prefix-LM, as PaliGemma), so image tokens see the question whichever comes first; "
@@ -270,6 +273,8 @@ def _build_model_and_processor(model_args: ModelArguments, train_split, checkpoi
     overrides = {"router_type": model_args.router_type} if model_args.router_type else {}
     if model_args.prefix_attention is not None:
         overrides["prefix_attention"] = model_args.prefix_attention
+    if model_args.num_key_value_heads is not None:
+        overrides["num_key_value_heads"] = model_args.num_key_value_heads
     config = preset_config(model_args.preset, **overrides)
     if model_args.dense_baseline:
         # Same active parameters per token: each sparse layer becomes one MLP as wide as the experts a token uses
@@ -443,6 +448,9 @@ def train(argv: list[str]) -> dict[str, float]:
     resolve_prompt_order(data_args)
     if model_args.model_name_or_path:
         require_sparsemoe_checkpoint(model_args.model_name_or_path, "--model_name_or_path")
+        if model_args.num_key_value_heads is not None:
+            raise ValueError("--num_key_value_heads shapes a preset model built from scratch; a checkpoint's "
+                             "attention weights fix its own. Leave it out with --model_name_or_path.")
     # The output folder and the checkpoint to resume are checked before any data is read or any step runs.
     checkpoint = _resume_checkpoint(training_args.resume_from_checkpoint, output_dir)
     _check_output_dir(output_dir, fresh=checkpoint is None, overwrite=model_args.overwrite_output_dir,
