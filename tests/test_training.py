@@ -165,29 +165,39 @@ def test_presets():
 
 
 
-def test_num_key_value_heads_overrides_the_preset_decoder_and_is_refused_with_a_checkpoint(tmp_path):
+def test_config_overrides_set_the_preset_decoder_and_are_refused_with_a_checkpoint(tmp_path):
     from datasets import Dataset
 
     from hf_sparsemoe_vlm.app.cli import _build_model_and_processor
 
     rows = Dataset.from_dict({"question": ["What colour is the square?"] * 4, "answer": ["red"] * 4})
-    model_args, _, _ = parse_train_args(["--num_key_value_heads", "4"])
+    model_args, _, _ = parse_train_args(["--config_overrides", "num_attention_heads=8,num_key_value_heads=8,"
+                                         "head_dim=32,router_aux_loss_coef=0.02"])
     model, _ = _build_model_and_processor(model_args, rows)
+    text = model.config.text_config
+    assert (text.num_attention_heads, text.num_key_value_heads, text.head_dim) == (8, 8, 32)
+    assert text.router_aux_loss_coef == 0.02 and isinstance(text.router_aux_loss_coef, float)
     attention = model.model.language_model.layers[0].self_attn
-    assert model.config.text_config.num_key_value_heads == 4 == model.config.text_config.num_attention_heads
-    assert attention.k_proj.out_features == attention.q_proj.out_features  # full multi-head attention
+    assert attention.q_proj.out_features == attention.k_proj.out_features == 8 * 32  # full multi-head attention
+    assert text.hidden_size == 128 and text.num_hidden_layers == 4  # the rest is the preset's
     default, _ = _build_model_and_processor(parse_train_args([])[0], rows)
-    assert default.config.text_config.num_key_value_heads == 2
+    assert default.config.text_config.num_key_value_heads == 2 and default.config.text_config.head_dim == 32
     model_args.dense_baseline = True  # the dense baseline gets the same attention
     dense, _ = _build_model_and_processor(model_args, rows)
-    assert dense.config.text_config.num_key_value_heads == 4
-    with pytest.raises(ValueError, match="must divide `num_attention_heads`"):
-        _build_model_and_processor(parse_train_args(["--num_key_value_heads", "3"])[0], rows)
+    assert dense.config.text_config.num_key_value_heads == 8
+    assert set(dense.config.text_config.mlp_layer_types) == {"dense"}
+    for overrides, message in (("num_key_value_heads=3", "must divide `num_attention_heads`"),
+                               ("num_kv_heads=4", "num_kv_heads isn't in the original config.*e.g. num_key_value"),
+                               ("num_key_value_heads", "--config_overrides 'num_key_value_heads'.*key=value"),
+                               ("num_key_value_heads=four", "invalid literal for int"),
+                               ("mlp_layer_types=dense", "only update int, float, bool or string")):
+        with pytest.raises(ValueError, match=message):
+            _build_model_and_processor(parse_train_args(["--config_overrides", overrides])[0], rows)
     processor, base = make_processor_and_model()
     base.save_pretrained(tmp_path / "base")
     processor.save_pretrained(tmp_path / "base")
-    with pytest.raises(ValueError, match="--num_key_value_heads shapes a preset model.*Leave it out"):
-        main(["train", "--model_name_or_path", str(tmp_path / "base"), "--num_key_value_heads", "4",
+    with pytest.raises(ValueError, match="--config_overrides shapes a preset model.*Leave it out"):
+        main(["train", "--model_name_or_path", str(tmp_path / "base"), "--config_overrides", "num_key_value_heads=4",
               "--output_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()  # refused before anything is written
 

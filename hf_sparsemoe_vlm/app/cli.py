@@ -68,9 +68,11 @@ class ModelArguments:
                                         "Without it a model is built from --preset and a tokenizer is trained."})
     preset: str = field(default="tiny-resnet", metadata={"help": "Model preset used when no checkpoint is given."})
     router_type: str | None = field(default=None, metadata={"help": "Override the preset's router: topk, top_p, relu."})
-    num_key_value_heads: int | None = field(default=None, metadata={
-        "help": "Override the preset's decoder key/value heads (grouped-query attention; the number of attention "
-                "heads means full multi-head attention). Must divide the preset's attention heads."})
+    config_overrides: str | None = field(default=None, metadata={
+        "help": "Override settings of the preset's decoder (its text_config) for a model built from scratch, as "
+                "comma-separated key=value pairs (Transformers' `PretrainedConfig.update_from_string` format, as in "
+                "its run_clm.py example), e.g. `num_key_value_heads=4` or "
+                "`num_attention_heads=8,num_key_value_heads=8,head_dim=32`."})
     prefix_attention: bool | None = field(default=None, metadata={
         "help": "Override the preset (or the checkpoint's config): the prompt, image and question, attends "
                 "bidirectionally (prefix-LM, as PaliGemma), so image tokens see the question whichever comes first; "
@@ -248,6 +250,18 @@ def require_sparsemoe_checkpoint(path: str | Path, flag: str) -> None:
             "conversion/convert_moe_llava.py for MoE-LLaVA weights; then pass the converted folder.")
 
 
+def parse_config_overrides(preset: str, overrides: str) -> dict:
+    """`--config_overrides` ("key=value,key=value") as decoder settings, each value typed like the preset's own."""
+    text_config = preset_config(preset).text_config
+    try:
+        text_config.update_from_string(overrides)
+        keys = [pair.split("=", 1)[0] for pair in overrides.split(",")]
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"--config_overrides {overrides!r}: {error}. Give comma-separated key=value settings of the "
+                         "decoder config (SparseMoEVLMTextConfig), e.g. num_key_value_heads=4.") from None
+    return {key: getattr(text_config, key) for key in keys}
+
+
 def _has_processor(folder: Path | None) -> bool:
     return folder is not None and (folder / "processor_config.json").is_file() and (folder / "tokenizer.json").is_file()
 
@@ -273,8 +287,8 @@ def _build_model_and_processor(model_args: ModelArguments, train_split, checkpoi
     overrides = {"router_type": model_args.router_type} if model_args.router_type else {}
     if model_args.prefix_attention is not None:
         overrides["prefix_attention"] = model_args.prefix_attention
-    if model_args.num_key_value_heads is not None:
-        overrides["num_key_value_heads"] = model_args.num_key_value_heads
+    if model_args.config_overrides:
+        overrides.update(parse_config_overrides(model_args.preset, model_args.config_overrides))
     config = preset_config(model_args.preset, **overrides)
     if model_args.dense_baseline:
         # Same active parameters per token: each sparse layer becomes one MLP as wide as the experts a token uses
@@ -448,9 +462,9 @@ def train(argv: list[str]) -> dict[str, float]:
     resolve_prompt_order(data_args)
     if model_args.model_name_or_path:
         require_sparsemoe_checkpoint(model_args.model_name_or_path, "--model_name_or_path")
-        if model_args.num_key_value_heads is not None:
-            raise ValueError("--num_key_value_heads shapes a preset model built from scratch; a checkpoint's "
-                             "attention weights fix its own. Leave it out with --model_name_or_path.")
+        if model_args.config_overrides:
+            raise ValueError("--config_overrides shapes a preset model built from scratch; a checkpoint's weights "
+                             "fix its own config. Leave it out with --model_name_or_path.")
     # The output folder and the checkpoint to resume are checked before any data is read or any step runs.
     checkpoint = _resume_checkpoint(training_args.resume_from_checkpoint, output_dir)
     _check_output_dir(output_dir, fresh=checkpoint is None, overwrite=model_args.overwrite_output_dir,
