@@ -200,6 +200,10 @@ def test_config_overrides_set_the_preset_decoder_and_are_refused_with_a_checkpoi
         main(["train", "--model_name_or_path", str(tmp_path / "base"), "--config_overrides", "num_key_value_heads=4",
               "--output_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()  # refused before anything is written
+    for overrides in ("num_kv_heads=4", "num_key_value_heads=3"):  # checked before any data is made
+        with pytest.raises(ValueError, match="num_kv_heads isn't in|must divide"):
+            main(["train", "--config_overrides", overrides, "--output_dir", str(tmp_path / "out")])
+        assert not (tmp_path / "out").exists()
 
 def test_train_arguments_have_main_job_defaults():
     model_args, data_args, training_args = parse_train_args([])

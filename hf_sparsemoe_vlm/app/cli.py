@@ -465,6 +465,8 @@ def train(argv: list[str]) -> dict[str, float]:
         if model_args.config_overrides:
             raise ValueError("--config_overrides shapes a preset model built from scratch; a checkpoint's weights "
                              "fix its own config. Leave it out with --model_name_or_path.")
+    elif model_args.config_overrides:  # a bad setting is an error now, not after the data is made
+        preset_config(model_args.preset, **parse_config_overrides(model_args.preset, model_args.config_overrides))
     # The output folder and the checkpoint to resume are checked before any data is read or any step runs.
     checkpoint = _resume_checkpoint(training_args.resume_from_checkpoint, output_dir)
     _check_output_dir(output_dir, fresh=checkpoint is None, overwrite=model_args.overwrite_output_dir,
