@@ -164,7 +164,6 @@ def test_presets():
         preset_config("huge")
 
 
-
 def test_config_overrides_set_the_preset_decoder_and_are_refused_with_a_checkpoint(tmp_path):
     from datasets import Dataset
 
@@ -204,6 +203,7 @@ def test_config_overrides_set_the_preset_decoder_and_are_refused_with_a_checkpoi
         with pytest.raises(ValueError, match="num_kv_heads isn't in|must divide"):
             main(["train", "--config_overrides", overrides, "--output_dir", str(tmp_path / "out")])
         assert not (tmp_path / "out").exists()
+
 
 def test_train_arguments_have_main_job_defaults():
     model_args, data_args, training_args = parse_train_args([])

@@ -180,6 +180,11 @@ def parse_train_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, Tr
                                ("--num_test_examples", data_args.num_test_examples, 0)):
         if value < least:
             raise ValueError(f"{flag} must be >= {least}, got {value}.")
+    if model_args.config_overrides:
+        if model_args.model_name_or_path:
+            raise ValueError("--config_overrides shapes a preset model built from scratch; a checkpoint's weights "
+                             "fix its own config. Leave it out with --model_name_or_path.")
+        preset_config(model_args.preset, **parse_config_overrides(model_args.preset, model_args.config_overrides))
     if data_args.dataset == "synthetic":
         if data_args.num_train_examples < 1:
             raise ValueError(f"--num_train_examples must be >= 1 to train on the synthetic set, got "
@@ -462,11 +467,6 @@ def train(argv: list[str]) -> dict[str, float]:
     resolve_prompt_order(data_args)
     if model_args.model_name_or_path:
         require_sparsemoe_checkpoint(model_args.model_name_or_path, "--model_name_or_path")
-        if model_args.config_overrides:
-            raise ValueError("--config_overrides shapes a preset model built from scratch; a checkpoint's weights "
-                             "fix its own config. Leave it out with --model_name_or_path.")
-    elif model_args.config_overrides:  # a bad setting is an error now, not after the data is made
-        preset_config(model_args.preset, **parse_config_overrides(model_args.preset, model_args.config_overrides))
     # The output folder and the checkpoint to resume are checked before any data is read or any step runs.
     checkpoint = _resume_checkpoint(training_args.resume_from_checkpoint, output_dir)
     _check_output_dir(output_dir, fresh=checkpoint is None, overwrite=model_args.overwrite_output_dir,
