@@ -562,7 +562,8 @@ class SparseMoEVLMExpertGroup(nn.Module):
         self.router = ROUTER_CLASSES[config.router_type](config, num_experts)
         self.experts = SparseMoEVLMExperts(config, num_experts)
         # Unused (token, expert) slots hold the sentinel index `num_experts`, the convention of Transformers'
-        # expert-parallel kernels: grouped_mm skips those rows, batched_mm zeroes them.
+        # expert-parallel kernels: told that sentinels may occur (`_is_expert_parallel`), grouped_mm skips those rows
+        # and batched_mm zeroes them. `forward` tells them per call (see there).
         self.experts._is_expert_parallel = True
 
     def forward(
@@ -575,8 +576,16 @@ class SparseMoEVLMExpertGroup(nn.Module):
         if token_mask is not None:  # shape-static dispatch: tokens of the other modality use no expert
             top_k_weights = top_k_weights * token_mask[:, None]
             top_k_index = top_k_index.masked_fill(~token_mask[:, None], sentinel)
-        if (self.router.dynamic and token_mask is None and not torch.compiler.is_compiling()
-                and self.experts.config._experts_implementation != "eager"):
+        compact_pairs = (self.router.dynamic and token_mask is None and not torch.compiler.is_compiling()
+                         and self.experts.config._experts_implementation != "eager")
+        # Masking sentinel rows costs the kernels three passes over the (pairs, 2 x width) activations, forward and
+        # backward (about a sixth of a top-2 layer's training step on CPU), so they are told to only when a sentinel
+        # can reach them: a slot left unused (shape-static dispatch, or a dynamic router's slots not compacted below)
+        # or, under expert parallelism, another rank's expert (the experts then hold fewer than the group's).
+        self.experts._is_expert_parallel = (
+            self.experts.num_experts < sentinel or token_mask is not None or (self.router.dynamic and not compact_pairs)
+        )
+        if compact_pairs:
             # A variable number of experts per token: run only the used (token, expert) pairs, as a top-1 batch, so
             # that no kernel sorts or gathers the unused slots; then sum each token's pairs. (The eager loop skips
             # the unused slots itself.)

@@ -362,6 +362,32 @@ def test_experts_implementations_give_the_same_gradients(router_type):
             torch.testing.assert_close(grads[implementation][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("router_type", ROUTER_TYPES)
+def test_kernels_mask_sentinel_rows_only_when_a_sentinel_can_reach_them(router_type, monkeypatch):
+    # Masking costs the grouped / batched kernels three passes over the activations: a top-k router fills every
+    # slot and dynamic routers' used pairs are compacted before the kernel, so neither asks for it; the shape-static
+    # dispatch (under torch.compile) gives the other modality's tokens the sentinel, so it does.
+    from hf_sparsemoe_vlm.modeling_sparsemoe_vlm import SparseMoEVLMExpertGroup
+
+    model = make_model(router_type=router_type, num_shared_experts=1)
+    _sharpen_routers(model, scale=2.0)
+    groups = [module for module in model.modules() if isinstance(module, SparseMoEVLMExpertGroup)]
+    inputs = make_inputs(model.config)
+    logits = {}
+    for implementation in ("batched_mm", "grouped_mm"):
+        model.set_experts_implementation(implementation)
+        with torch.no_grad():
+            logits[implementation] = model(**inputs).logits
+        assert not any(group.experts._is_expert_parallel for group in groups)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    for implementation in ("batched_mm", "grouped_mm"):
+        model.set_experts_implementation(implementation)
+        with torch.no_grad():
+            static = model(**inputs).logits
+        assert all(group.experts._is_expert_parallel for group in groups)
+        torch.testing.assert_close(static, logits[implementation], rtol=0, atol=1e-5)
+
+
 def test_eager_experts_backward_with_frozen_expert_tensors_reaches_inputs_and_routers():
     model = make_model(num_shared_experts=1)
     model.train()
