@@ -83,8 +83,15 @@ def main(argv: list[str] | None = None) -> dict:
                 + [parse_variant(v, dense=True) for v in args.dense_variants])
     if len({v["name"] for v in variants}) != len(variants):
         parser.error("Variant names must differ.")
+    threads_before = torch.get_num_threads()  # restored at the end: `main` is also called in-process (tests)
     torch.set_num_threads(args.threads)
+    try:
+        return _measure(args, variants, argv)
+    finally:
+        torch.set_num_threads(threads_before)
 
+
+def _measure(args, variants: list[dict], argv: list[str] | None) -> dict:
     built = {v["name"]: build(v, args.batches, args.batch_size) for v in variants}
     for model, optimizer, batches in built.values():
         for step in range(args.warmup):

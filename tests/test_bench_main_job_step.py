@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 
 def _load_benchmark():
@@ -17,6 +18,7 @@ def _load_benchmark():
 def test_step_benchmark_times_each_decoder_variant_in_turns_and_writes_results(tmp_path):
     benchmark = _load_benchmark()
     output = tmp_path / "step.json"
+    threads = torch.get_num_threads()
     report = benchmark.main(["--rounds", "2", "--steps", "1", "--batches", "1", "--batch_size", "2", "--warmup", "0",
                              "--variants", "default", "mha16=num_attention_heads=8,num_key_value_heads=8,head_dim=16",
                              "--dense_variants", "dense", "--output", str(output)])
@@ -27,6 +29,7 @@ def test_step_benchmark_times_each_decoder_variant_in_turns_and_writes_results(t
     assert variants["mha16"]["parameters"] - variants["default"]["parameters"] == 2 * 128 * 64 * 4
     assert variants["dense"]["dense"] and variants["dense"]["parameters"] < variants["default"]["parameters"]
     assert json.loads(output.read_text()) == report and report["threads"] == 1
+    assert torch.get_num_threads() == threads  # the process's own setting is back (later tests compare logits)
 
 
 def test_step_benchmark_refuses_unnamed_and_repeated_variants():
