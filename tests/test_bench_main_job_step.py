@@ -1,22 +1,14 @@
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-
-def _load_benchmark():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_main_job_step.py"
-    spec = importlib.util.spec_from_file_location("bench_main_job_step", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tiny_models import load_benchmark_script
 
 
 @pytest.mark.slow
 def test_step_benchmark_times_each_decoder_variant_in_turns_and_writes_results(tmp_path):
-    benchmark = _load_benchmark()
+    benchmark = load_benchmark_script("bench_main_job_step")
     output = tmp_path / "step.json"
     threads = torch.get_num_threads()
     report = benchmark.main(["--rounds", "2", "--steps", "1", "--batches", "1", "--batch_size", "2", "--warmup", "0",
@@ -33,7 +25,7 @@ def test_step_benchmark_times_each_decoder_variant_in_turns_and_writes_results(t
 
 
 def test_step_benchmark_refuses_unnamed_and_repeated_variants():
-    benchmark = _load_benchmark()
+    benchmark = load_benchmark_script("bench_main_job_step")
     with pytest.raises(ValueError, match="expected NAME or NAME=key=value"):
         benchmark.main(["--variants", "=num_attention_heads=8"])
     with pytest.raises(SystemExit):

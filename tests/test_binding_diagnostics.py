@@ -1,23 +1,15 @@
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from hf_sparsemoe_vlm.app.synthetic_shapes import COLOURS, SHAPES, PlacedShape
 
-
-def _load_benchmark():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "binding_diagnostics.py"
-    spec = importlib.util.spec_from_file_location("binding_diagnostics", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tiny_models import load_benchmark_script
 
 
 def test_oracle_cell_labels_follow_the_drawn_pixels():
-    benchmark = _load_benchmark()
+    benchmark = load_benchmark_script("binding_diagnostics")
     square = PlacedShape("square", "red", 12, 12, 6)  # pixels 6..18: cells 0-2, the corner cells get too few pixels
     circle = PlacedShape("circle", "blue", 36, 30, 8)
     labels = benchmark.cell_labels([square, circle], image_size=48, grid=6).view(6, 6)
@@ -31,7 +23,7 @@ def test_oracle_cell_labels_follow_the_drawn_pixels():
 
 @pytest.mark.slow
 def test_binding_diagnostics_trains_real_and_oracle_models_and_writes_results(tmp_path):
-    benchmark = _load_benchmark()
+    benchmark = load_benchmark_script("binding_diagnostics")
     results_path = tmp_path / "results.json"
     results = benchmark.main(["--steps", "2", "--batch_size", "4", "--num_test", "12", "--question_types",
                               "colour,count", "--output_dir", str(tmp_path / "runs"), "--results", str(results_path)])
@@ -46,5 +38,5 @@ def test_binding_diagnostics_trains_real_and_oracle_models_and_writes_results(tm
 
 def test_binding_diagnostics_rejects_caption_questions(capsys):
     with pytest.raises(SystemExit):
-        _load_benchmark().main(["--question_types", "caption"])
+        load_benchmark_script("binding_diagnostics").main(["--question_types", "caption"])
     assert "unknown or unsupported question types ['caption']" in capsys.readouterr().err

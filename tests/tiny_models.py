@@ -13,6 +13,7 @@ from hf_sparsemoe_vlm import SparseMoEVLMConfig, SparseMoEVLMForConditionalGener
 
 
 CONVERSION_SCRIPTS = Path(__file__).resolve().parents[1] / "conversion"
+BENCHMARK_SCRIPTS = CONVERSION_SCRIPTS.parent / "benchmarks"
 IMAGE_TOKEN_ID = 127
 PAD_TOKEN_ID = 0
 IMAGE_SIZE = 32
@@ -154,11 +155,21 @@ def to_old_layout(folder):
     return folder
 
 
-def load_conversion_script(name: str):
-    """`conversion/<name>.py` as a fresh module (the scripts are not a package), registered under its name so that
-    its dataclasses resolve their module."""
-    spec = importlib.util.spec_from_file_location(name, CONVERSION_SCRIPTS / f"{name}.py")
+def _load_script(path: Path):
+    """A script as a fresh module (the scripts are not a package), registered under its name so that its
+    dataclasses resolve their module."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
+    sys.modules[path.stem] = module
     spec.loader.exec_module(module)
     return module
+
+
+def load_conversion_script(name: str):
+    """`conversion/<name>.py` as a fresh module."""
+    return _load_script(CONVERSION_SCRIPTS / f"{name}.py")
+
+
+def load_benchmark_script(name: str):
+    """`benchmarks/<name>.py` as a fresh module."""
+    return _load_script(BENCHMARK_SCRIPTS / f"{name}.py")
