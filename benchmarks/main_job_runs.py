@@ -6,8 +6,9 @@ the worst case, as a Markdown table and a JSON file.
 
 Each run is a fresh `sparsemoe-vlm train` process with `OMP_NUM_THREADS` and `torch.set_num_threads` set to its
 thread count. One-thread runs go two at a time (one per core of a 2-core machine); two-thread runs go alone, so no
-run shares its cores. Runs already in the output JSON are kept (the script resumes); extra `train` arguments go after
-`--`.
+run shares its cores. Runs already in the output JSON are kept (the script resumes), and a run whose folder already
+holds its final metrics (its driver was stopped after launching it) is recorded without running it again; extra `train`
+arguments go after `--`.
 """
 
 import argparse
@@ -81,7 +82,14 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def record(results: dict[str, dict], key: str, folder: Path, output: Path) -> None:
+    metrics = json.loads(results_path(folder).read_text())
+    results[key] = {k: metrics[k] for k in FIGURES if k in metrics}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2, sort_keys=True))
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -89,13 +97,19 @@ def main() -> None:
     parser.add_argument("--runs_dir", default="runs/main_job_runs")
     parser.add_argument("--output", default="benchmarks/results/main_job_runs.json")
     parser.add_argument("--cores", type=int, default=2, help="CPU cores the runs may share.")
-    args, extra = parser.parse_known_args()
+    args, extra = parser.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
     runs_dir, output = Path(args.runs_dir), Path(args.output)
     runs_dir.mkdir(parents=True, exist_ok=True)
     results = json.loads(output.read_text()) if output.is_file() else {}
     pending = [(m, s, t) for t in sorted(args.threads) for m in args.models for s in args.seeds
                if run_key(m, s, t) not in results]
+    for job in list(pending):
+        folder = runs_dir / f"{job[0]}-seed{job[1]}-threads{job[2]}"
+        if results_path(folder).is_file():  # finished, but its driver stopped before recording it
+            pending.remove(job)
+            record(results, run_key(*job), folder, output)
+            print(f"recorded finished {run_key(*job)}: {results[run_key(*job)]}", flush=True)
     running: list[tuple[tuple, subprocess.Popen, Path]] = []
     while pending or running:
         used = sum(job[2] for job, _, _ in running)
@@ -114,12 +128,10 @@ def main() -> None:
             if process.returncode != 0:
                 print(f"FAILED {run_key(*job)} (exit {process.returncode}); see {folder.with_suffix('.log')}")
                 continue
-            metrics = json.loads(results_path(folder).read_text())
-            results[run_key(*job)] = {k: metrics[k] for k in FIGURES if k in metrics}
-            output.parent.mkdir(parents=True, exist_ok=True)
-            output.write_text(json.dumps(results, indent=2, sort_keys=True))
+            record(results, run_key(*job), folder, output)
             print(f"done {run_key(*job)}: {results[run_key(*job)]}", flush=True)
     print(table(results))
+    return results
 
 
 if __name__ == "__main__":
