@@ -12,6 +12,9 @@ after the other), so that a change in the machine's load hits all arms alike:
            ours and Ernie get the new token's type (0) as `generate()` would pass it;
   prefill  the prompt (image + text tokens, fresh cache) at each of `--prefill_image_tokens`;
   train    forward + backward of a `--train_batch` x (image + text) batch, loss = mean square of the last hidden states;
+           `--train_grads fresh`: gradients freed after each step (Trainer's `model.zero_grad()`), so each backward
+           allocates them anew, for every expert of a fused (E, ., .) tensor; `kept`: allocated once and zeroed in
+           place inside the timed step (`zero_grad(set_to_none=False)`); `both` (default) measures each;
   routing  one sparse block (`SparseMoEVLMSparseMoeBlock`) at `--routing_tokens` tokens for every router type:
            block time vs time inside the experts modules (forward pre/post hooks), routing + dispatch fraction =
            1 - experts / block (work inside a kernel, e.g. grouped_mm's sort and gathers, counts as experts
@@ -90,6 +93,8 @@ def parse_args() -> argparse.Namespace:
                         help="Extra experts kernels timed in decode only.")
     parser.add_argument("--repeats", type=int, default=5, help="Timed repeats of decode, prefill and routing.")
     parser.add_argument("--train_repeats", type=int, default=3)
+    parser.add_argument("--train_grads", choices=("fresh", "kept", "both"), default="both",
+                        help="Gradients between train steps: freed (fresh buffers every step) or kept and zeroed.")
     parser.add_argument("--warmup", type=int, default=1, help="Untimed rounds before the timed repeats.")
     parser.add_argument("--measurements", nargs="+", choices=MEASUREMENTS, default=list(MEASUREMENTS))
     parser.add_argument("--skip", nargs="*", choices=("dense", "mixtral", "ernie"), default=[],
@@ -366,20 +371,23 @@ def measure_prefill(args, models, clock, image_tokens: int):
                            args.repeats, args.warmup, clock, prepare=lambda arm: arm.model.new_cache())
 
 
-def measure_train(args, models, clock):
+def measure_train(args, models, clock, keep_grads: bool = False):
     embeds, types = prompt(args, args.image_tokens, batch=args.train_batch)
 
     def run(arm, _):
         hidden = arm.model(embeds, types).last_hidden_state
         hidden.float().pow(2).mean().backward()
+        if keep_grads:  # an optimizer's zero_grad(set_to_none=False): part of the step
+            arm.model.module.zero_grad(set_to_none=False)
 
     for model in models.values():
         model.module.train()
     try:
         return interleaved(model_arms(models, args.kernels), run, args.train_repeats, args.warmup, clock,
-                           finish=lambda arm, _: arm.model.module.zero_grad(set_to_none=True))
+                           finish=None if keep_grads else lambda arm, _: arm.model.module.zero_grad(set_to_none=True))
     finally:
         for model in models.values():
+            model.module.zero_grad(set_to_none=True)
             model.module.eval()
 
 
@@ -586,10 +594,11 @@ def main() -> None:
             measurements[name] = measure_prefill(args, models, clock, image_tokens)
             loads[name] = os.getloadavg()[0]
     if "train" in args.measurements:
-        gc.collect()
-        name = f"train step, {args.train_batch} x {args.image_tokens + args.text_tokens} tokens"
-        measurements[name] = measure_train(args, models, clock)
-        loads[name] = os.getloadavg()[0]
+        for grads in ("fresh", "kept") if args.train_grads == "both" else (args.train_grads,):
+            gc.collect()
+            name = f"train step, {args.train_batch} x {args.image_tokens + args.text_tokens} tokens, {grads} grads"
+            measurements[name] = measure_train(args, models, clock, keep_grads=grads == "kept")
+            loads[name] = os.getloadavg()[0]
     routing = []
     if "routing" in args.measurements:
         del models  # the routing blocks are small, but free the big models first
