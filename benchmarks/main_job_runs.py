@@ -33,8 +33,12 @@ def run_key(model: str, seed: int, threads: int) -> str:
     return f"{model}/seed{seed}/threads{threads}"
 
 
+def run_folder(runs_dir: Path, model: str, seed: int, threads: int) -> Path:
+    return runs_dir / f"{model}-seed{seed}-threads{threads}"
+
+
 def launch(model: str, seed: int, threads: int, runs_dir: Path, extra: list[str]) -> tuple[subprocess.Popen, Path]:
-    output = runs_dir / f"{model}-seed{seed}-threads{threads}"
+    output = run_folder(runs_dir, model, seed, threads)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     code = (f"import sys, torch; torch.set_num_threads({threads}); from hf_sparsemoe_vlm.app.cli import main; "
             f"sys.exit(main(sys.argv[1:]))")
@@ -105,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     pending = [(m, s, t) for t in sorted(args.threads) for m in args.models for s in args.seeds
                if run_key(m, s, t) not in results]
     for job in list(pending):
-        folder = runs_dir / f"{job[0]}-seed{job[1]}-threads{job[2]}"
+        folder = run_folder(runs_dir, *job)
         if results_path(folder).is_file():  # finished, but its driver stopped before recording it
             pending.remove(job)
             record(results, run_key(*job), folder, output)
